@@ -1,0 +1,23 @@
+"""Priors p(z): modules returning a distribution with batch shape ``[B]`` and
+the latent as event shape, so a model does ``pyro.sample("z", self.prior(B))``."""
+from __future__ import annotations
+
+import pyro.distributions as dist
+import torch
+from pyro.nn import PyroModule
+
+from pyro_vae.registry import PRIORS
+
+
+@PRIORS.register("standard_normal")
+class StandardNormalPrior(PyroModule):
+    """Isotropic Gaussian p(z) = N(0, I)."""
+
+    def __init__(self, latent_dim: int):
+        super().__init__()
+        # buffers, so the prior follows the model with `.to(device)`
+        self.register_buffer("loc", torch.zeros(latent_dim))
+        self.register_buffer("scale", torch.ones(latent_dim))
+
+    def forward(self, batch_size: int) -> dist.TorchDistribution:
+        return dist.Normal(self.loc, self.scale).expand([batch_size, self.loc.shape[-1]]).to_event(1)

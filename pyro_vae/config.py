@@ -1,0 +1,164 @@
+"""Experiment configs: a TOML file, validated, with dotted command-line overrides.
+
+A config has five *component* sections, each naming a registered part and
+setting its options, and two fixed sections::
+
+    imports = []                 # optional: modules that register your own parts
+
+    [data]       name = "mnist"           binarization = "dynamic"
+    [model]      name = "gaussian"        latent_dim = 50   hidden = [200, 200]
+    [prior]      name = "standard_normal"
+    [guide]      name = "normal"          hidden = [200, 200]
+    [objective]  name = "meanfield_elbo"  num_particles = 1
+    [train]      epochs = 10  batch_size = 100  lr = 1e-3  device = "auto"  seed = 0
+    [eval]       iw_samples = 1000  chunk_size = 500  batch_size = 100  split = "test"
+
+A component's options are checked against its factory's signature (see
+:mod:`pyro_vae.registry`); ``train`` and ``eval`` are checked here.  Every
+problem is reported as a :class:`~pyro_vae.errors.ConfigError` naming the key.
+"""
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any, Iterable, Literal, Optional
+
+import pydantic
+import tomli_w
+from pydantic import BaseModel, ConfigDict, Field
+
+from pyro_vae import registry
+from pyro_vae.errors import ConfigError
+
+COMPONENTS = ("data", "model", "prior", "guide", "objective")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Component(_Strict):
+    """A registered part chosen by ``name`` with its validated ``options``."""
+
+    name: str
+    options: dict[str, Any] = Field(default_factory=dict)
+
+
+class TrainConfig(_Strict):
+    epochs: int = Field(10, ge=0, description="passes over the training split")
+    batch_size: int = Field(100, ge=1)
+    lr: float = Field(1e-3, gt=0, description="Adam learning rate")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    seed: int = 0
+    limit: Optional[int] = Field(None, ge=1, description="train on the first N training images")
+
+
+class EvalConfig(_Strict):
+    iw_samples: int = Field(1000, ge=1, description="K in the importance-sampled log-likelihood")
+    chunk_size: int = Field(500, ge=1, description="samples drawn at once; bounds memory")
+    batch_size: int = Field(100, ge=1, description="datapoints evaluated at once")
+    split: Literal["train", "valid", "test"] = "test"
+    limit: Optional[int] = Field(None, ge=1, description="evaluate the first N datapoints")
+
+
+class ExperimentConfig(_Strict):
+    imports: tuple[str, ...] = ()
+    data: Component
+    model: Component
+    prior: Component
+    guide: Component
+    objective: Component
+    train: TrainConfig = TrainConfig()
+    eval: EvalConfig = EvalConfig()
+
+    def to_toml_dict(self) -> dict[str, Any]:
+        """The flat TOML form (``name`` beside the options) that :func:`load_config` reads."""
+        out: dict[str, Any] = {"imports": list(self.imports)} if self.imports else {}
+        for section in COMPONENTS:
+            part: Component = getattr(self, section)
+            out[section] = {"name": part.name, **_drop_none(part.options)}
+        out["train"] = _drop_none(self.train.model_dump())
+        out["eval"] = _drop_none(self.eval.model_dump())
+        return out
+
+    def same_experiment(self, other: "ExperimentConfig") -> bool:
+        """True if ``other`` trains the same model the same way, up to the
+        number of epochs and the evaluation settings (so a run can be resumed
+        for more epochs)."""
+        strip = lambda c: c.model_copy(update={"train": c.train.model_copy(update={"epochs": 0}), "eval": EvalConfig()})
+        return strip(self) == strip(other)
+
+
+def _drop_none(d: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in d.items() if v is not None}
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """``"train.epochs=3"`` -> (["train", "epochs"], 3); the value is read as a
+    TOML value (numbers, booleans, lists, quoted strings) or else as a bare string."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(f"override {text!r} is not of the form section.key=value (e.g. train.epochs=3)")
+    try:
+        value = tomllib.loads(f"v = {raw.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw.strip()
+    return key.strip().split("."), value
+
+
+def apply_overrides(raw: dict[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
+    for text in overrides:
+        path, value = parse_override(text)
+        node = raw
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override {text!r}: {part!r} is not a section")
+        node[path[-1]] = value
+    return raw
+
+
+def config_from_dict(raw: dict[str, Any]) -> ExperimentConfig:
+    """Validate a raw (TOML-shaped) dict into an :class:`ExperimentConfig`."""
+    raw = dict(raw)
+    imports = raw.get("imports", [])
+    if not isinstance(imports, list):
+        raise ConfigError("`imports` must be a list of module names")
+    registry.load_catalogue(imports)
+    known = {"imports", "train", "eval", *COMPONENTS}
+    unknown = sorted(set(raw) - known)
+    if unknown:
+        raise ConfigError(f"unknown section(s) {unknown}; a config has sections {sorted(known - {'imports'})}")
+    for section in COMPONENTS:
+        if section not in raw:
+            raise ConfigError(f"missing section [{section}]; it needs at least `name = ...` "
+                              f"(one of: {', '.join(registry.ALL[section].names())})")
+        options = dict(raw[section])
+        name = options.pop("name", None)
+        if not isinstance(name, str):
+            raise ConfigError(f"[{section}] needs `name = \"...\"`, one of: {', '.join(registry.ALL[section].names())}")
+        raw[section] = {"name": name, "options": registry.ALL[section].validate(name, options)}
+    try:
+        return ExperimentConfig(**raw)
+    except pydantic.ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(map(str, e['loc']))}: " + ("unknown key" if e["type"] == "extra_forbidden" else e["msg"])
+            for e in exc.errors()
+        )
+        raise ConfigError(f"invalid config: {problems}") from None
+
+
+def load_config(path: str | Path, overrides: Iterable[str] = ()) -> ExperimentConfig:
+    """Read a TOML experiment file, apply ``section.key=value`` overrides, validate."""
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"config file {str(path)!r} does not exist") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{path} is not valid TOML: {exc}") from None
+    return config_from_dict(apply_overrides(raw, overrides))
+
+
+def save_config(config: ExperimentConfig, path: str | Path) -> None:
+    Path(path).write_text(tomli_w.dumps(config.to_toml_dict()))

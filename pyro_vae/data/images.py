@@ -1,0 +1,103 @@
+"""Image splits held as one tensor on the device; a batch is an index slice.
+
+Pixels are stored as ``uint8`` intensities ``v`` in 0..255 (gray level
+``v / 255``).  Binarization turns gray levels into the 0/1 data a Bernoulli
+likelihood needs:
+
+- ``dynamic``: each training batch draws ``x ~ Bernoulli(v / 255)`` afresh, on
+  the device (a new binarization every epoch, as in Burda et al. 2015); the
+  valid and test splits are drawn once with a fixed seed, so evaluation is
+  deterministic.
+- ``static``: every split drawn once with a fixed seed.
+- ``threshold``: ``x = [v / 255 > 0.5]``.
+- ``none``: gray levels in [0, 1] (for likelihoods on [0, 1]).
+"""
+from __future__ import annotations
+
+from typing import Iterator, Literal, Optional
+
+import torch
+
+Binarization = Literal["dynamic", "static", "threshold", "none"]
+
+
+class ImageSplit:
+    """One split: ``pixels`` of shape ``[N, *event_shape]`` on one device.
+
+    :param pixels: uint8 tensor; gray levels 0..255, or 0/1 once binarized.
+    :param resample: draw ``Bernoulli(pixels / 255)`` per batch (dynamic binarization).
+    """
+
+    def __init__(self, pixels: torch.Tensor, labels: torch.Tensor, resample: bool, gray: bool):
+        self.pixels = pixels
+        self.labels = labels
+        self.resample = resample
+        self.gray = gray
+
+    def __len__(self) -> int:
+        return self.pixels.shape[0]
+
+    @property
+    def device(self) -> torch.device:
+        return self.pixels.device
+
+    def batch(self, index: torch.Tensor | slice, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """Float images for ``index`` (an index tensor or slice)."""
+        x = self.pixels[index].to(torch.get_default_dtype())
+        if self.resample:
+            return torch.bernoulli(x.div_(255.0), generator=generator)
+        return x.div_(255.0) if self.gray else x
+
+    def batches(
+        self, batch_size: int, shuffle: bool = False, generator: Optional[torch.Generator] = None
+    ) -> Iterator[torch.Tensor]:
+        """Yield float batches covering the split once (the last may be smaller)."""
+        n = len(self)
+        order = torch.randperm(n, device=self.device, generator=generator) if shuffle else None
+        for start in range(0, n, batch_size):
+            index = order[start : start + batch_size] if shuffle else slice(start, start + batch_size)
+            yield self.batch(index, generator)
+
+    def num_batches(self, batch_size: int) -> int:
+        return -(-len(self) // batch_size)
+
+    def head(self, n: int) -> "ImageSplit":
+        """The first ``n`` datapoints (a view, no copy)."""
+        return ImageSplit(self.pixels[:n], self.labels[:n], self.resample, self.gray)
+
+
+class ImageDataset:
+    """Train / valid / test splits of images with one binarization rule.
+
+    :param splits: ``{"train": (pixels, labels), ...}`` of uint8 numpy arrays or tensors.
+    """
+
+    def __init__(
+        self,
+        splits: dict[str, tuple],
+        binarization: Binarization,
+        device: torch.device,
+        seed: int = 0,
+    ):
+        if binarization not in ("dynamic", "static", "threshold", "none"):
+            raise ValueError(f"unknown binarization {binarization!r}")
+        self.binarization = binarization
+        self.binary = binarization != "none"
+        fixed = torch.Generator().manual_seed(seed)
+        self.splits: dict[str, ImageSplit] = {}
+        for name, (pixels, labels) in splits.items():
+            pixels = torch.as_tensor(pixels, dtype=torch.uint8)
+            if pixels.dim() == 3:
+                pixels = pixels.unsqueeze(1)  # [N, 1, H, W]
+            labels = torch.as_tensor(labels, dtype=torch.long)
+            resample = binarization == "dynamic" and name == "train"
+            if binarization == "threshold":
+                pixels = (pixels > 127).to(torch.uint8)
+            elif binarization == "static" or (binarization == "dynamic" and not resample):
+                pixels = torch.bernoulli(pixels.double() / 255.0, generator=fixed).to(torch.uint8)
+            gray = binarization == "none"
+            self.splits[name] = ImageSplit(pixels.to(device), labels.to(device), resample, gray)
+        self.event_shape = tuple(next(iter(self.splits.values())).pixels.shape[1:])
+
+    def __getitem__(self, split: str) -> ImageSplit:
+        return self.splits[split]

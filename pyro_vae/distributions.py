@@ -1,0 +1,40 @@
+"""Likelihoods with log-densities written for speed in the IS hot path."""
+from __future__ import annotations
+
+import pyro.distributions as dist
+import torch
+from torch.nn.functional import softplus
+
+
+class BernoulliVector(dist.Independent):
+    """Independent Bernoullis over the last dim, given logits ``l``::
+
+        log p(x | l) = sum_d [x_d l_d - softplus(l_d)]
+
+    Equal to ``Bernoulli(logits=l).to_event(1)``, but ``log_prob`` contracts
+    ``x`` against ``l`` with one einsum instead of broadcasting ``x`` to the
+    logits' shape: with ``K`` importance samples the logits are ``[K, B, D]``
+    while the data are ``[B, D]``.
+    """
+
+    def __init__(self, logits: torch.Tensor, validate_args=None):
+        super().__init__(dist.Bernoulli(logits=logits, validate_args=validate_args), 1, validate_args=validate_args)
+
+    @property
+    def logits(self) -> torch.Tensor:
+        return self.base_dist.logits
+
+    def expand(self, batch_shape, _instance=None):
+        return BernoulliVector(self.logits.expand(torch.Size(batch_shape) + self.event_shape))
+
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        if self._validate_args:
+            self._validate_sample(value)
+        logits = self.logits
+        if value.dim() < logits.dim() and logits.shape[logits.dim() - value.dim():] == value.shape:
+            # data without the sample dims: contract without broadcasting x to the logits
+            samples = logits.reshape(-1, *value.shape)  # [S, *batch, D]
+            fit = torch.einsum("s...d,...d->s...", samples, value).reshape(logits.shape[:-1])
+        else:
+            fit = (value * logits).sum(-1)
+        return fit - softplus(logits).sum(-1)

@@ -1,0 +1,239 @@
+"""Evaluation of any model/guide pair that keeps the site contract.
+
+Every figure is computed per datapoint first.  For datapoint ``x`` and
+``z_1..z_K ~ q(z | x)`` the log importance weights are
+
+    log w_k = log p(x, z_k) - log q(z_k | x),
+
+summed over every sample site of the model (latents and the observed ``x``)
+and of the guide, per datapoint of the ``"data"`` plate.  From them:
+
+- the ELBO, ``E_q[log w] ~= (1/K) sum_k log w_k``;
+- the importance-sampled log-likelihood (Burda et al. 2015)
+  ``log p(x) >= L_K = log (1/K) sum_k w_k``, which increases to ``log p(x)``
+  as ``K`` grows;
+- the PSIS k-hat of the ``w_k`` (Vehtari et al. 2024, via arviz): above 0.7
+  the importance-sampling estimate is unreliable for that datapoint;
+- ``KL(q(z|x) || p(z))`` per latent dimension (analytic where registered).
+
+Samples are drawn ``chunk_size`` at a time, vectorized over a particle plate
+placed left of every plate the model uses, so memory is bounded by
+``chunk_size * batch_size * dim(x)`` whatever ``K`` is.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, field
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+import pyro
+import pyro.poutine as poutine
+import torch
+from pyro.distributions import Independent
+from pyro.distributions.util import scale_and_mask
+from pyro.poutine.util import site_is_subsample
+from torch.distributions import kl_divergence
+from tqdm.auto import tqdm
+
+DATA_PLATE = "data"
+PARTICLE_PLATE = "_iw_particles"
+
+
+def _sample_sites(trace: poutine.Trace) -> Iterator[tuple[str, dict]]:
+    for name, site in trace.nodes.items():
+        if site["type"] == "sample" and not site_is_subsample(site):
+            yield name, site
+
+
+def guide_and_model_traces(model: Callable, guide: Callable, x: torch.Tensor) -> tuple[poutine.Trace, poutine.Trace]:
+    """``z ~ q(.|x)`` (guide trace), then the model replayed on those ``z``."""
+    guide_trace = poutine.trace(guide).get_trace(x)
+    model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(x)
+    return guide_trace, model_trace
+
+
+def max_plate_nesting(model: Callable, guide: Callable, x: torch.Tensor) -> int:
+    """How many batch dims the model and guide's plates use (1 for a plain VAE)."""
+    with torch.no_grad():
+        traces = guide_and_model_traces(model, guide, x)
+    return max(
+        (-frame.dim for trace in traces for _, site in _sample_sites(trace)
+         for frame in site["cond_indep_stack"] if frame.vectorized),
+        default=0,
+    )
+
+
+def _per_datapoint_log_prob(trace: poutine.Trace, nesting: int) -> torch.Tensor:
+    """``sum_sites log p(site)`` per (particle, datapoint): shape ``[K or 1, B]``.
+
+    Each site's log-density (masked, never scaled) has batch dims right-aligned
+    to ``nesting + 1`` dims, the particle dim leftmost; every dim but the
+    particle dim and the data plate's is summed out."""
+    total = torch.zeros(1, 1)
+    for name, site in _sample_sites(trace):
+        data_frames = [f for f in site["cond_indep_stack"] if f.name == DATA_PLATE]
+        if not data_frames:
+            raise ValueError(
+                f"sample site {name!r} is outside pyro.plate({DATA_PLATE!r}): its log-density cannot be "
+                "split per datapoint. Sample every latent inside the data plate."
+            )
+        log_p = scale_and_mask(site["fn"].log_prob(site["value"]), mask=site["mask"])
+        log_p = log_p.reshape((1,) * (nesting + 1 - log_p.dim()) + log_p.shape)
+        data_axis = nesting + 1 + data_frames[0].dim
+        other = [d for d in range(1, nesting + 1) if d != data_axis]
+        log_p = log_p.sum(other) if other else log_p
+        total = total.to(log_p) + log_p
+    return total
+
+
+def log_importance_weights(
+    model: Callable, guide: Callable, x: torch.Tensor, num_samples: int, nesting: int
+) -> torch.Tensor:
+    """``log w[k, b] = log p(x_b, z_kb) - log q(z_kb | x_b)``, ``z_kb ~ q(.|x_b)``,
+    for ``k < num_samples`` drawn at once: shape ``[num_samples, B]``."""
+    with pyro.plate(PARTICLE_PLATE, num_samples, dim=-(nesting + 1)):
+        guide_trace, model_trace = guide_and_model_traces(model, guide, x)
+    log_w = _per_datapoint_log_prob(model_trace, nesting) - _per_datapoint_log_prob(guide_trace, nesting)
+    return log_w.expand(num_samples, x.shape[0])
+
+
+def chunk_sizes(total: int, chunk: int) -> list[int]:
+    """``total`` split into pieces of at most ``chunk``: 1200, 500 -> [500, 500, 200]."""
+    return [min(chunk, total - start) for start in range(0, total, chunk)]
+
+
+def chunked_log_weights(
+    model: Callable, guide: Callable, x: torch.Tensor, num_samples: int, chunk_size: int, nesting: int
+) -> torch.Tensor:
+    """:func:`log_importance_weights` for ``num_samples`` drawn ``chunk_size`` at a time."""
+    return torch.cat([log_importance_weights(model, guide, x, k, nesting) for k in chunk_sizes(num_samples, chunk_size)])
+
+
+def importance_log_likelihood(log_w: torch.Tensor) -> torch.Tensor:
+    """``L_K = logsumexp_k(log w_k) - log K`` per datapoint (``log_w``: ``[K, B]``)."""
+    return torch.logsumexp(log_w, dim=0) - math.log(log_w.shape[0])
+
+
+def psis_khat(log_w: torch.Tensor) -> np.ndarray:
+    """Pareto-smoothed importance-sampling shape estimate k-hat per datapoint
+    (arviz :func:`~arviz.psislw`; ``log_w``: ``[K, B]`` -> ``[B]``)."""
+    import arviz
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # arviz warns on few samples / large k; we report k itself
+        _, khat = arviz.psislw(log_w.T.double().cpu().numpy())
+    return np.asarray(khat, dtype=np.float64)
+
+
+def _factors(d):
+    while isinstance(d, Independent):
+        d = d.base_dist
+    return d
+
+
+def kl_per_dimension(model: Callable, guide: Callable, x: torch.Tensor) -> dict[str, torch.Tensor]:
+    """``KL(q(z_u | x_b) || p(z_u))`` per datapoint ``b`` and latent dimension
+    ``u``, for each latent site: ``{site: [B, D]}``.
+
+    Where both densities factorise over dimensions (diagonal guides, i.i.d.
+    priors) each dimension's KL is analytic if torch registers the pair, else a
+    one-sample estimate ``log q(z_u|x) - log p(z_u)``.  A site whose guide or
+    prior does not factorise (e.g. a full-covariance guide) gets its total KL
+    as a single column ``[B, 1]``, computed the same way."""
+    guide_trace, model_trace = guide_and_model_traces(model, guide, x)
+    out = {}
+    for name, q_site in _sample_sites(guide_trace):
+        p_site = model_trace.nodes.get(name)
+        if p_site is None or p_site["is_observed"]:
+            continue
+        q, p = _factors(q_site["fn"]), _factors(p_site["fn"])
+        if q.event_shape or p.event_shape:  # not factorised: the site's total KL
+            q, p = q_site["fn"], p_site["fn"]
+        try:
+            kl = kl_divergence(q, p)
+        except NotImplementedError:
+            z = q_site["value"]
+            kl = q.log_prob(z) - p.log_prob(z)
+        out[name] = kl.reshape(x.shape[0], -1)
+    return out
+
+
+@dataclass
+class Evaluation:
+    """Per-datapoint results over one split (arrays of shape ``[N]``) and the
+    per-dimension KL averaged over datapoints."""
+
+    elbo: np.ndarray
+    log_likelihood: np.ndarray
+    khat: np.ndarray
+    kl_per_dim: dict[str, np.ndarray]
+    num_samples: int
+    extra: dict = field(default_factory=dict)
+
+    def summary(self) -> dict:
+        """Means over datapoints, in nats; the NLL as a positive number."""
+        kl_total = float(sum(v.sum() for v in self.kl_per_dim.values()))
+        return {
+            "elbo": float(self.elbo.mean()),
+            "iw_nll": float(-self.log_likelihood.mean()),
+            "kl": kl_total,
+            "psis_khat": float(self.khat.mean()),
+            "psis_khat_max": float(self.khat.max()),
+            "psis_khat_frac_above_0.7": float((self.khat > 0.7).mean()),
+            "kl_per_dim": {k: [round(float(u), 4) for u in v] for k, v in self.kl_per_dim.items()},
+            "iw_samples": self.num_samples,
+            "num_datapoints": int(self.elbo.shape[0]),
+            **self.extra,
+        }
+
+
+@torch.no_grad()
+def evaluate(
+    model: Callable,
+    guide: Callable,
+    batches: Iterable[torch.Tensor],
+    num_samples: int,
+    chunk_size: int = 500,
+    num_batches: int | None = None,
+    progress: bool = True,
+) -> Evaluation:
+    """ELBO, IS log-likelihood with ``num_samples`` samples, PSIS k-hat and KL
+    per dimension for every datapoint of ``batches``."""
+    elbo, log_lik, khat, kl_sum, count = [], [], [], {}, 0
+    nesting = None
+    for x in tqdm(batches, total=num_batches, desc=f"evaluate K={num_samples}", disable=not progress, leave=False):
+        if nesting is None:  # the first batch runs with Pyro's argument validation on
+            nesting = max_plate_nesting(model, guide, x)
+        with pyro.validation_enabled(False):  # validation would re-check K * B * dim(x) values
+            log_w = chunked_log_weights(model, guide, x, num_samples, chunk_size, nesting)
+        elbo.append(log_w.mean(0).cpu())
+        log_lik.append(importance_log_likelihood(log_w).cpu())
+        khat.append(psis_khat(log_w))
+        for site, kl in kl_per_dimension(model, guide, x).items():
+            kl_sum[site] = kl_sum.get(site, 0) + kl.sum(0).double().cpu()
+        count += x.shape[0]
+    if count == 0:
+        raise ValueError("nothing to evaluate: the split is empty")
+    return Evaluation(
+        elbo=torch.cat(elbo).double().numpy(),
+        log_likelihood=torch.cat(log_lik).double().numpy(),
+        khat=np.concatenate(khat),
+        kl_per_dim={k: (v / count).numpy() for k, v in kl_sum.items()},
+        num_samples=num_samples,
+    )
+
+
+@torch.no_grad()
+def mean_elbo(model: Callable, guide: Callable, batches: Iterable[torch.Tensor], num_samples: int = 1) -> float:
+    """The ELBO averaged over datapoints, each estimated from ``num_samples``
+    draws of ``q(z|x)`` (the cheap per-epoch validation figure)."""
+    total, count, nesting = 0.0, 0, None
+    for x in batches:
+        if nesting is None:
+            nesting = max_plate_nesting(model, guide, x)
+        with pyro.validation_enabled(False):
+            total += float(log_importance_weights(model, guide, x, num_samples, nesting).mean(0).sum())
+        count += x.shape[0]
+    return total / count

