@@ -55,12 +55,15 @@ class Experiment:
     def check_data_fits_model(self) -> None:
         """Every value of every split must lie in the support of the model's
         likelihood at site ``"x"`` (e.g. {0, 1} for Bernoulli pixels)."""
+        check_size = 10_000  # datapoints at a time, to bound memory
         for name, split in self.data.splits.items():
-            x = split.batch(slice(None))
             with torch.no_grad():
-                _, model_trace = guide_and_model_traces(self.model, self.guide, x[:2])
+                _, model_trace = guide_and_model_traces(self.model, self.guide, split.batch(slice(0, 2)))
             likelihood = model_trace.nodes["x"]["fn"]
-            if not bool(likelihood.support.check(x.reshape(x.shape[0], *likelihood.event_shape)).all()):
+            if not all(
+                bool(likelihood.support.check(x.reshape(x.shape[0], *likelihood.event_shape)).all())
+                for x in split.batches(check_size)
+            ):
                 raise DataError(
                     f"the {name} split has values outside the support of model {self.config.model.name!r}'s "
                     f"likelihood ({type(likelihood).__name__}, support {likelihood.support}): the data are gray "

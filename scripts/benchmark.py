@@ -1,0 +1,199 @@
+"""Speed and memory of pyro-vae against hand-written PyTorch, as ratios.
+
+Each case times pyro-vae and a reference implementation on the same machine,
+in the same process, interleaved, and reports the median of the repeats and
+their ratio (reference time / pyro-vae time: above 1 means pyro-vae is
+faster).  Peak memory is measured in fresh child processes (max RSS on CPU,
+``torch.cuda.max_memory_allocated`` on CUDA).
+
+Cases, on Burda et al.'s MNIST architecture (784-200-200-50, tanh):
+
+- ``train_step``: one Adam step on a batch of 100 with the mean-field ELBO,
+  pyro-vae's trainer step (``TraceMeanField_ELBO`` module, fused Adam) vs the
+  same math written by hand, with PyTorch's default Adam and with fused Adam.
+- ``iw_eval``: the importance-sampled log-likelihood of 100 test images with K
+  samples; pyro-vae's chunked, particle-plate-vectorized evaluator vs (a) a
+  hand-written loop over the K samples with ``torch.distributions``, and
+  (b) a hand-written evaluation of all K samples at once.
+
+Usage: ``python scripts/benchmark.py [--device cpu|cuda] [--iw-samples 1000]``
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import multiprocessing as mp
+import resource
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from pyro_vae import registry
+from pyro_vae.config import load_config
+from pyro_vae.evaluate import chunked_log_weights, importance_log_likelihood
+from pyro_vae.experiment import Experiment
+from pyro_vae.train import make_optimizer, train_step
+
+CONFIG = "configs/mnist_burda.toml"
+
+
+def build(device: str) -> Experiment:
+    return Experiment.build(load_config(CONFIG), torch.device(device))
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def median_ms(fn, device: str, repeats: int, inner: int) -> float:
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        start = time.perf_counter()
+        for _ in range(inner):
+            fn()
+        sync(device)
+        times.append((time.perf_counter() - start) / inner * 1000)
+    return statistics.median(times)
+
+
+# ---------------------------------------------------------------- references
+def handwritten_loss(encoder, decoder, x):
+    """-ELBO with analytic KL, written directly in PyTorch."""
+    x = x.reshape(x.shape[0], -1)
+    loc, raw = encoder(x).chunk(2, -1)
+    scale = F.softplus(raw) + 1e-4
+    z = loc + scale * torch.randn_like(loc)
+    log_lik = -F.binary_cross_entropy_with_logits(decoder(z), x, reduction="none").sum(-1)
+    kl = (-torch.log(scale) + (scale**2 + loc**2 - 1) / 2).sum(-1)
+    return (kl - log_lik).sum()
+
+
+def handwritten_log_weights(encoder, decoder, x, num_samples):
+    """log w [K, B] over all K samples at once: q(z|x) and p(x, z) by hand."""
+    x = x.reshape(x.shape[0], -1)
+    loc, raw = encoder(x).chunk(2, -1)
+    q = torch.distributions.Normal(loc, F.softplus(raw) + 1e-4)
+    z = q.sample((num_samples,))
+    prior = torch.distributions.Normal(0.0, 1.0)
+    log_lik = torch.distributions.Bernoulli(logits=decoder(z)).log_prob(x).sum(-1)
+    return log_lik + prior.log_prob(z).sum(-1) - q.log_prob(z).sum(-1)
+
+
+def handwritten_loop(encoder, decoder, x, num_samples):
+    """The same, one sample at a time (the common hand-written form)."""
+    return torch.stack([handwritten_log_weights(encoder, decoder, x, 1)[0] for _ in range(num_samples)])
+
+
+# ---------------------------------------------------------------- cases
+def train_step_case(device: str, repeats: int) -> dict:
+    experiment = build(device)
+    x = experiment.data["train"].batch(slice(0, 100))
+    loss_fn = experiment.objective(experiment.model, experiment.guide)
+    optimizer = make_optimizer(loss_fn.parameters(), lr=1e-3)
+    encoder, decoder = copy.deepcopy(experiment.guide.encoder), copy.deepcopy(experiment.model.decoder)
+    reference_params = [*encoder.parameters(), *decoder.parameters()]
+    reference_optimizers = {
+        "handwritten_torch_ms": torch.optim.Adam(reference_params, lr=1e-3),
+        "handwritten_torch_fused_adam_ms": torch.optim.Adam(reference_params, lr=1e-3, fused=True),
+    }
+
+    def reference_step(optimizer):
+        loss = handwritten_loss(encoder, decoder, x)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    times = {"pyro_vae_ms": [], **{k: [] for k in reference_optimizers}}
+    for _ in range(repeats):  # interleaved, so drifts in machine load hit every variant
+        times["pyro_vae_ms"].append(median_ms(lambda: train_step(loss_fn, optimizer, x), device, 1, 50))
+        for key, ref_optimizer in reference_optimizers.items():
+            times[key].append(median_ms(lambda: reference_step(ref_optimizer), device, 1, 50))
+    out = {"case": "train_step (batch 100)", **{k: round(statistics.median(v), 2) for k, v in times.items()}}
+    out["speedup_vs_handwritten"] = round(out["handwritten_torch_ms"] / out["pyro_vae_ms"], 2)
+    out["speedup_vs_handwritten_fused_adam"] = round(out["handwritten_torch_fused_adam_ms"] / out["pyro_vae_ms"], 2)
+    return out
+
+
+def iw_case(device: str, repeats: int, num_samples: int) -> dict:
+    experiment = build(device)
+    x = experiment.data["test"].batch(slice(0, 100))
+    model, guide = experiment.model, experiment.guide
+    encoder, decoder = guide.encoder, model.decoder
+    with torch.no_grad():
+        ours = median_ms(lambda: chunked_log_weights(model, guide, x, num_samples, 500, 1), device, repeats, 1)
+        at_once = median_ms(lambda: handwritten_log_weights(encoder, decoder, x, num_samples), device, repeats, 1)
+        loop = median_ms(lambda: handwritten_loop(encoder, decoder, x, num_samples), device, max(1, repeats // 2), 1)
+        # the three agree (same estimator, independent draws)
+        a = importance_log_likelihood(chunked_log_weights(model, guide, x, num_samples, 500, 1)).mean()
+        b = importance_log_likelihood(handwritten_log_weights(encoder, decoder, x, num_samples)).mean()
+    return {"case": f"iw_eval (100 images, K={num_samples})", "pyro_vae_ms": round(ours, 1),
+            "handwritten_all_at_once_ms": round(at_once, 1), "handwritten_loop_ms": round(loop, 1),
+            "speedup_vs_all_at_once": round(at_once / ours, 2), "speedup_vs_loop": round(loop / ours, 2),
+            "mean_log_likelihood_pyro_vae": round(a.item(), 2), "mean_log_likelihood_handwritten": round(b.item(), 2)}
+
+
+def _peak_memory_child(kind: str, device: str, num_samples: int, queue) -> None:
+    """Builds only the model and guide (no dataset), so the peak measured is the evaluation's."""
+    torch.set_num_threads(1)
+    config = load_config(CONFIG)
+    latent_dim, event_shape = config.model.options["latent_dim"], (1, 28, 28)
+    prior = registry.PRIORS.build(config.prior.name, config.prior.options, latent_dim=latent_dim)
+    model = registry.MODELS.build(config.model.name, config.model.options, prior=prior, event_shape=event_shape)
+    guide = registry.GUIDES.build(config.guide.name, config.guide.options, event_shape=event_shape, latent_dim=latent_dim)
+    model, guide = model.to(device), guide.to(device)
+    x = torch.bernoulli(torch.full((100, *event_shape), 0.13, device=device))
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with torch.no_grad():
+        if kind == "pyro_vae":
+            chunked_log_weights(model, guide, x, num_samples, 500, 1)
+        else:
+            handwritten_log_weights(guide.encoder, model.decoder, x, num_samples)
+    if device == "cuda":
+        queue.put(torch.cuda.max_memory_allocated() / 2**20)
+    else:
+        queue.put((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)  # KiB -> MiB
+
+
+def memory_case(device: str, num_samples: int) -> dict:
+    ctx = mp.get_context("spawn")
+    out = {}
+    for kind in ("pyro_vae", "handwritten_all_at_once"):
+        queue = ctx.Queue()
+        proc = ctx.Process(target=_peak_memory_child, args=(kind, device, num_samples, queue))
+        proc.start()
+        out[kind] = queue.get()
+        proc.join()
+    return {"case": f"iw_eval peak memory growth (100 images, K={num_samples}, chunk 500)",
+            "pyro_vae_MiB": round(out["pyro_vae"], 1),
+            "handwritten_all_at_once_MiB": round(out["handwritten_all_at_once"], 1),
+            "memory_ratio_handwritten_over_pyro_vae": round(out["handwritten_all_at_once"] / max(out["pyro_vae"], 1e-9), 1)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--iw-samples", type=int, default=1000)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    results = [
+        train_step_case(args.device, args.repeats),
+        iw_case(args.device, args.repeats, args.iw_samples),
+        memory_case(args.device, max(args.iw_samples, 5000)),
+    ]
+    meta = {"device": args.device, "threads": args.threads, "torch": torch.__version__}
+    print(json.dumps({"setup": meta, "results": results}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
