@@ -75,7 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override a config value, e.g. --set train.epochs=3 (repeatable)")
     train.add_argument("--run-dir", type=Path, help="where to write the run (default runs/<config name>)")
-    train.add_argument("--overwrite", action="store_true", help="delete RUN_DIR first if it holds another run")
+    train.add_argument("--overwrite", action="store_true", help="delete RUN_DIR first and train from scratch")
     train.add_argument("--quiet", action="store_true", help="no progress bars")
     train.set_defaults(func=_train)
 

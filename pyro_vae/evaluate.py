@@ -31,10 +31,9 @@ import numpy as np
 import pyro
 import pyro.poutine as poutine
 import torch
-from pyro.distributions import Independent
 from pyro.distributions.util import scale_and_mask
 from pyro.poutine.util import site_is_subsample
-from torch.distributions import kl_divergence
+from torch.distributions import Independent, kl_divergence
 from tqdm.auto import tqdm
 
 DATA_PLATE = "data"
@@ -119,10 +118,11 @@ def importance_log_likelihood(log_w: torch.Tensor) -> torch.Tensor:
 def psis_khat(log_w: torch.Tensor) -> np.ndarray:
     """Pareto-smoothed importance-sampling shape estimate k-hat per datapoint
     (arviz :func:`~arviz.psislw`; ``log_w``: ``[K, B]`` -> ``[B]``)."""
-    import arviz
-
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # arviz warns on few samples / large k; we report k itself
+        # arviz warns on import (its refactor notice) and on few samples / large k; we report k itself
+        warnings.simplefilter("ignore")
+        import arviz
+
         _, khat = arviz.psislw(log_w.T.double().cpu().numpy())
     return np.asarray(khat, dtype=np.float64)
 

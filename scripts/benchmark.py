@@ -3,8 +3,9 @@
 Each case times pyro-vae and a reference implementation on the same machine,
 in the same process, interleaved, and reports the median of the repeats and
 their ratio (reference time / pyro-vae time: above 1 means pyro-vae is
-faster).  Peak memory is measured in fresh child processes (max RSS on CPU,
-``torch.cuda.max_memory_allocated`` on CUDA).
+faster).  Peak memory is measured in fresh child processes that build only the model
+and guide: the growth of the peak resident set size during the evaluation on
+CPU (Linux ``/proc``), ``torch.cuda.max_memory_allocated`` on CUDA.
 
 Cases, on Burda et al.'s MNIST architecture (784-200-200-50, tanh):
 
@@ -25,9 +26,9 @@ import copy
 import json
 import math
 import multiprocessing as mp
-import resource
 import statistics
 import time
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -150,16 +151,24 @@ def _peak_memory_child(kind: str, device: str, num_samples: int, queue) -> None:
     x = torch.bernoulli(torch.full((100, *event_shape), 0.13, device=device))
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    else:
+        Path("/proc/self/clear_refs").write_text("5")  # reset the peak resident set size (Linux)
+    before = _resident_mib("VmRSS")
     with torch.no_grad():
         if kind == "pyro_vae":
             chunked_log_weights(model, guide, x, num_samples, 500, 1)
         else:
             handwritten_log_weights(guide.encoder, model.decoder, x, num_samples)
-    if device == "cuda":
-        queue.put(torch.cuda.max_memory_allocated() / 2**20)
-    else:
-        queue.put((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)  # KiB -> MiB
+    peak = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else _resident_mib("VmHWM") - before
+    queue.put(peak)
+
+
+def _resident_mib(field: str) -> float:
+    """VmRSS (now) or VmHWM (peak since the last reset) of this process, in MiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
 def memory_case(device: str, num_samples: int) -> dict:
