@@ -49,9 +49,15 @@ def save_curves(history: list[dict], path: str | Path) -> None:
     import matplotlib.pyplot as plt
 
     epochs = [row["epoch"] for row in history]
+    curves = {"train ELBO": [row["train_elbo"] for row in history],
+              "valid ELBO": [row["valid_elbo"] for row in history]}
     fig, ax = plt.subplots(figsize=(5, 3.2), dpi=120)
-    ax.plot(epochs, [row["train_elbo"] for row in history], label="train ELBO")
-    ax.plot(epochs, [row["valid_elbo"] for row in history], label="valid ELBO")
+    for label, values in curves.items():
+        ax.plot(epochs, values, label=label)
+    if len(history) >= 20:  # zoom past the first 5% of epochs, whose ELBO dwarfs later progress
+        late = [v for values in curves.values() for v in values[len(history) // 20:]]
+        spread = max(late) - min(late)
+        ax.set_ylim(min(late) - 0.1 * spread, max(late) + 0.1 * spread)
     ax.set_xlabel("epoch")
     ax.set_ylabel("nats per datapoint")
     ax.legend()
