@@ -9,6 +9,7 @@ the same path as an uninterrupted one.
 """
 from __future__ import annotations
 
+import math
 import time
 from pathlib import Path
 from typing import Any
@@ -106,11 +107,11 @@ def fit(experiment: Experiment, run: RunDir, progress: bool = True, verbose: boo
                 raise _diverged(epoch, step, run) from exc
             if step % REPORT_EVERY == 0:
                 running = total.item()
-                if not torch.isfinite(torch.tensor(running)):
+                if not math.isfinite(running):
                     raise _diverged(epoch, step, run)
                 bar.set_postfix(elbo=f"{-running / min(step * cfg.batch_size, len(train)):.2f}")
         train_elbo = -total.item() / len(train)
-        if not torch.isfinite(torch.tensor(train_elbo)):
+        if not math.isfinite(train_elbo):
             raise _diverged(epoch, step, run)
         valid_elbo = mean_elbo(model, guide, valid.batches(VALID_BATCH))
         history.append(
