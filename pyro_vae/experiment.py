@@ -24,6 +24,19 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def build_model_and_guide(config: ExperimentConfig, event_shape: tuple[int, ...]) -> tuple[PyroModule, PyroModule]:
+    """The prior, model and guide ``config`` names, for data of ``event_shape``
+    (on the CPU; parameters drawn from the current RNG state)."""
+    registry.load_catalogue(config.imports)
+    latent_dim = config.model.options.get("latent_dim")
+    if latent_dim is None:
+        raise ConfigError(f"model {config.model.name!r} has no `latent_dim` option; the engine passes it to the prior and guide")
+    prior = registry.PRIORS.build(config.prior.name, config.prior.options, latent_dim=latent_dim)
+    model = registry.MODELS.build(config.model.name, config.model.options, prior=prior, event_shape=event_shape)
+    guide = registry.GUIDES.build(config.guide.name, config.guide.options, event_shape=event_shape, latent_dim=latent_dim)
+    return model, guide
+
+
 @dataclass
 class Experiment:
     config: ExperimentConfig
@@ -41,12 +54,7 @@ class Experiment:
         registry.load_catalogue(config.imports)
         data = registry.DATASETS.build(config.data.name, config.data.options, device=device)
         pyro.set_rng_seed(config.train.seed)
-        latent_dim = config.model.options.get("latent_dim")
-        if latent_dim is None:
-            raise ConfigError(f"model {config.model.name!r} has no `latent_dim` option; the engine passes it to the prior and guide")
-        prior = registry.PRIORS.build(config.prior.name, config.prior.options, latent_dim=latent_dim)
-        model = registry.MODELS.build(config.model.name, config.model.options, prior=prior, event_shape=data.event_shape)
-        guide = registry.GUIDES.build(config.guide.name, config.guide.options, event_shape=data.event_shape, latent_dim=latent_dim)
+        model, guide = build_model_and_guide(config, data.event_shape)
         objective = registry.OBJECTIVES.build(config.objective.name, config.objective.options)
         experiment = cls(config, device, data, model.to(device), guide.to(device), objective)
         experiment.check_data_fits_model()

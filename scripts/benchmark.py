@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import multiprocessing as mp
 import statistics
 import time
@@ -33,13 +32,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from pyro_vae import registry
 from pyro_vae.config import load_config
 from pyro_vae.evaluate import chunked_log_weights, importance_log_likelihood
-from pyro_vae.experiment import Experiment
+from pyro_vae.experiment import Experiment, build_model_and_guide
 from pyro_vae.train import make_optimizer, train_step
 
 CONFIG = "configs/mnist_burda.toml"
+CHUNK = 500  # samples drawn at once by pyro-vae's evaluator
+NESTING = 1  # plates of the Gaussian VAE: the data plate only
 
 
 def build(device: str) -> Experiment:
@@ -114,7 +114,7 @@ def train_step_case(device: str, repeats: int) -> dict:
     for _ in range(repeats):  # interleaved, so drifts in machine load hit every variant
         times["pyro_vae_ms"].append(median_ms(lambda: train_step(loss_fn, optimizer, x), device, 1, 50))
         for key, ref_optimizer in reference_optimizers.items():
-            times[key].append(median_ms(lambda: reference_step(ref_optimizer), device, 1, 50))
+            times[key].append(median_ms(lambda opt=ref_optimizer: reference_step(opt), device, 1, 50))
     out = {"case": "train_step (batch 100)", **{k: round(statistics.median(v), 2) for k, v in times.items()}}
     out["speedup_vs_handwritten"] = round(out["handwritten_torch_ms"] / out["pyro_vae_ms"], 2)
     out["speedup_vs_handwritten_fused_adam"] = round(out["handwritten_torch_fused_adam_ms"] / out["pyro_vae_ms"], 2)
@@ -127,11 +127,11 @@ def iw_case(device: str, repeats: int, num_samples: int) -> dict:
     model, guide = experiment.model, experiment.guide
     encoder, decoder = guide.encoder, model.decoder
     with torch.no_grad():
-        ours = median_ms(lambda: chunked_log_weights(model, guide, x, num_samples, 500, 1), device, repeats, 1)
+        ours = median_ms(lambda: chunked_log_weights(model, guide, x, num_samples, CHUNK, NESTING), device, repeats, 1)
         at_once = median_ms(lambda: handwritten_log_weights(encoder, decoder, x, num_samples), device, repeats, 1)
         loop = median_ms(lambda: handwritten_loop(encoder, decoder, x, num_samples), device, max(1, repeats // 2), 1)
-        # the three agree (same estimator, independent draws)
-        a = importance_log_likelihood(chunked_log_weights(model, guide, x, num_samples, 500, 1)).mean()
+        # both implementations estimate the same L_K (independent draws)
+        a = importance_log_likelihood(chunked_log_weights(model, guide, x, num_samples, CHUNK, NESTING)).mean()
         b = importance_log_likelihood(handwritten_log_weights(encoder, decoder, x, num_samples)).mean()
     return {"case": f"iw_eval (100 images, K={num_samples})", "pyro_vae_ms": round(ours, 1),
             "handwritten_all_at_once_ms": round(at_once, 1), "handwritten_loop_ms": round(loop, 1),
@@ -142,11 +142,8 @@ def iw_case(device: str, repeats: int, num_samples: int) -> dict:
 def _peak_memory_child(kind: str, device: str, num_samples: int, queue) -> None:
     """Builds only the model and guide (no dataset), so the peak measured is the evaluation's."""
     torch.set_num_threads(1)
-    config = load_config(CONFIG)
-    latent_dim, event_shape = config.model.options["latent_dim"], (1, 28, 28)
-    prior = registry.PRIORS.build(config.prior.name, config.prior.options, latent_dim=latent_dim)
-    model = registry.MODELS.build(config.model.name, config.model.options, prior=prior, event_shape=event_shape)
-    guide = registry.GUIDES.build(config.guide.name, config.guide.options, event_shape=event_shape, latent_dim=latent_dim)
+    event_shape = (1, 28, 28)
+    model, guide = build_model_and_guide(load_config(CONFIG), event_shape)
     model, guide = model.to(device), guide.to(device)
     x = torch.bernoulli(torch.full((100, *event_shape), 0.13, device=device))
     if device == "cuda":
@@ -156,7 +153,7 @@ def _peak_memory_child(kind: str, device: str, num_samples: int, queue) -> None:
     before = _resident_mib("VmRSS")
     with torch.no_grad():
         if kind == "pyro_vae":
-            chunked_log_weights(model, guide, x, num_samples, 500, 1)
+            chunked_log_weights(model, guide, x, num_samples, CHUNK, NESTING)
         else:
             handwritten_log_weights(guide.encoder, model.decoder, x, num_samples)
     peak = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else _resident_mib("VmHWM") - before
@@ -180,7 +177,7 @@ def memory_case(device: str, num_samples: int) -> dict:
         proc.start()
         out[kind] = queue.get()
         proc.join()
-    return {"case": f"iw_eval peak memory growth (100 images, K={num_samples}, chunk 500)",
+    return {"case": f"iw_eval peak memory growth (100 images, K={num_samples}, chunk {CHUNK})",
             "pyro_vae_MiB": round(out["pyro_vae"], 1),
             "handwritten_all_at_once_MiB": round(out["handwritten_all_at_once"], 1),
             "memory_ratio_handwritten_over_pyro_vae": round(out["handwritten_all_at_once"] / max(out["pyro_vae"], 1e-9), 1)}
