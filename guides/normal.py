@@ -18,6 +18,7 @@ from torch.nn.functional import softplus
 
 from pyro_vae.nn import Activation, mlp
 from pyro_vae.registry import GUIDES
+from pyro_vae.traces import DATA_PLATE
 
 MIN_SCALE = 1e-4
 
@@ -39,5 +40,5 @@ class DiagonalNormalGuide(PyroModule):
     def forward(self, x: torch.Tensor, batch_size: Optional[int] = None) -> None:
         batch_size = x.shape[0]
         loc, raw_scale = self.encoder(x.reshape(batch_size, -1)).chunk(2, dim=-1)
-        with pyro.plate("data", batch_size):
+        with pyro.plate(DATA_PLATE, batch_size):
             pyro.sample("z", dist.Normal(loc, softplus(raw_scale) + MIN_SCALE).to_event(1))

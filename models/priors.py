@@ -21,3 +21,19 @@ class StandardNormalPrior(PyroModule):
 
     def forward(self, batch_size: int) -> dist.TorchDistribution:
         return dist.Normal(self.loc, self.scale).expand([batch_size, self.loc.shape[-1]]).to_event(1)
+
+
+@PRIORS.register("bernoulli")
+class BernoulliPrior(PyroModule):
+    """Independent Bernoullis p(z) = prod_i Ber(z_i; sigmoid(a_i)); a = 0 (fair coins) or learned."""
+
+    def __init__(self, latent_dim: int, learned: bool = False):
+        super().__init__()
+        logits = torch.zeros(latent_dim)
+        if learned:
+            self.logits = torch.nn.Parameter(logits)
+        else:
+            self.register_buffer("logits", logits)
+
+    def forward(self, batch_size: int) -> dist.TorchDistribution:
+        return dist.Bernoulli(logits=self.logits).expand([batch_size, self.logits.shape[-1]]).to_event(1)

@@ -6,7 +6,7 @@ setting its options, and two fixed sections::
     imports = []                 # optional: modules that register your own parts
 
     [data]       name = "mnist"           binarization = "dynamic"
-    [model]      name = "gaussian"        latent_dim = 50   hidden = [200, 200]
+    [model]      name = "mlp"             latent_dim = 50   hidden = [200, 200]
     [prior]      name = "standard_normal"
     [guide]      name = "normal"          hidden = [200, 200]
     [objective]  name = "meanfield_elbo"  num_particles = 1

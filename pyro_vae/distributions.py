@@ -1,8 +1,11 @@
-"""Likelihoods with log-densities written for speed in the IS hot path."""
+"""Distributions the catalogue needs and Pyro does not ship: a Bernoulli
+likelihood written for speed in the IS hot path, and a wrapper that switches
+the reparameterization trick off."""
 from __future__ import annotations
 
 import pyro.distributions as dist
 import torch
+from pyro.poutine.messenger import Messenger
 from torch.nn.functional import softplus
 
 
@@ -38,3 +41,23 @@ class BernoulliVector(dist.Independent):
         else:
             fit = (value * logits).sum(-1)
         return fit - softplus(logits).sum(-1)
+
+
+class WithoutRsample(dist.Independent):
+    """A distribution drawn by ``sample`` alone (``has_rsample = False``), built
+    as ``WithoutRsample(fn, 0)``: objectives then reach ``fn``'s parameters
+    through the score function only.  It exists to measure what the
+    reparameterization trick buys (``scripts/gradient_variance.py``)."""
+
+    has_rsample = False
+
+
+class ScoreFunctionOnly(Messenger):
+    """Wraps every latent site's distribution in :class:`WithoutRsample`::
+
+        guide = ScoreFunctionOnly()(guide)
+    """
+
+    def _pyro_sample(self, msg) -> None:
+        if not msg["is_observed"] and not isinstance(msg["fn"], WithoutRsample):
+            msg["fn"] = WithoutRsample(msg["fn"], 0)

@@ -22,80 +22,23 @@ placed left of every plate the model uses, so memory is bounded by
 """
 from __future__ import annotations
 
-import math
 import warnings
 from dataclasses import dataclass, field
-from typing import Callable, Iterable, Iterator
+from typing import Callable, Iterable
 
 import numpy as np
 import pyro
-import pyro.poutine as poutine
 import torch
-from pyro.distributions.util import scale_and_mask
-from pyro.poutine.util import site_is_subsample
-from torch.distributions import Independent, kl_divergence
 from tqdm.auto import tqdm
 
-DATA_PLATE = "data"
-PARTICLE_PLATE = "_iw_particles"
-
-
-def _sample_sites(trace: poutine.Trace) -> Iterator[tuple[str, dict]]:
-    for name, site in trace.nodes.items():
-        if site["type"] == "sample" and not site_is_subsample(site):
-            yield name, site
-
-
-def guide_and_model_traces(model: Callable, guide: Callable, x: torch.Tensor) -> tuple[poutine.Trace, poutine.Trace]:
-    """``z ~ q(.|x)`` (guide trace), then the model replayed on those ``z``."""
-    guide_trace = poutine.trace(guide).get_trace(x)
-    model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(x)
-    return guide_trace, model_trace
-
-
-def max_plate_nesting(model: Callable, guide: Callable, x: torch.Tensor) -> int:
-    """How many batch dims the model and guide's plates use (1 for a plain VAE)."""
-    with torch.no_grad():
-        traces = guide_and_model_traces(model, guide, x)
-    return max(
-        (-frame.dim for trace in traces for _, site in _sample_sites(trace)
-         for frame in site["cond_indep_stack"] if frame.vectorized),
-        default=0,
-    )
-
-
-def _per_datapoint_log_prob(trace: poutine.Trace, nesting: int) -> torch.Tensor:
-    """``sum_sites log p(site)`` per (particle, datapoint): shape ``[K or 1, B]``.
-
-    Each site's log-density (masked, never scaled) has batch dims right-aligned
-    to ``nesting + 1`` dims, the particle dim leftmost; every dim but the
-    particle dim and the data plate's is summed out."""
-    total = torch.zeros(1, 1)
-    for name, site in _sample_sites(trace):
-        data_frames = [f for f in site["cond_indep_stack"] if f.name == DATA_PLATE]
-        if not data_frames:
-            raise ValueError(
-                f"sample site {name!r} is outside pyro.plate({DATA_PLATE!r}): its log-density cannot be "
-                "split per datapoint. Sample every latent inside the data plate."
-            )
-        log_p = scale_and_mask(site["fn"].log_prob(site["value"]), mask=site["mask"])
-        log_p = log_p.reshape((1,) * (nesting + 1 - log_p.dim()) + log_p.shape)
-        data_axis = nesting + 1 + data_frames[0].dim
-        other = [d for d in range(1, nesting + 1) if d != data_axis]
-        log_p = log_p.sum(other) if other else log_p
-        total = total.to(log_p) + log_p
-    return total
-
-
-def log_importance_weights(
-    model: Callable, guide: Callable, x: torch.Tensor, num_samples: int, nesting: int
-) -> torch.Tensor:
-    """``log w[k, b] = log p(x_b, z_kb) - log q(z_kb | x_b)``, ``z_kb ~ q(.|x_b)``,
-    for ``k < num_samples`` drawn at once: shape ``[num_samples, B]``."""
-    with pyro.plate(PARTICLE_PLATE, num_samples, dim=-(nesting + 1)):
-        guide_trace, model_trace = guide_and_model_traces(model, guide, x)
-    log_w = _per_datapoint_log_prob(model_trace, nesting) - _per_datapoint_log_prob(guide_trace, nesting)
-    return log_w.expand(num_samples, x.shape[0])
+from pyro_vae.traces import (
+    guide_and_model_traces,
+    latent_sites,
+    log_importance_weights,
+    log_mean_exp,
+    max_plate_nesting,
+    site_kl,
+)
 
 
 def chunk_sizes(total: int, chunk: int) -> list[int]:
@@ -106,18 +49,25 @@ def chunk_sizes(total: int, chunk: int) -> list[int]:
 def chunked_log_weights(
     model: Callable, guide: Callable, x: torch.Tensor, num_samples: int, chunk_size: int, nesting: int
 ) -> torch.Tensor:
-    """:func:`log_importance_weights` for ``num_samples`` drawn ``chunk_size`` at a time."""
+    """:func:`~pyro_vae.traces.log_importance_weights` for ``num_samples`` drawn
+    ``chunk_size`` at a time: ``[num_samples, B]``."""
     return torch.cat([log_importance_weights(model, guide, x, k, nesting) for k in chunk_sizes(num_samples, chunk_size)])
 
 
 def importance_log_likelihood(log_w: torch.Tensor) -> torch.Tensor:
-    """``L_K = logsumexp_k(log w_k) - log K`` per datapoint (``log_w``: ``[K, B]``)."""
-    return torch.logsumexp(log_w, dim=0) - math.log(log_w.shape[0])
+    """``L_K = log (1/K) sum_k w_k`` per datapoint (``log_w``: ``[K, B]`` -> ``[B]``)."""
+    return log_mean_exp(log_w, dim=0)
+
+
+PSIS_MIN_SAMPLES = 25  # arviz fits the Pareto tail to ceil(min(K/5, 3 sqrt K)) weights: 5 at K = 25
 
 
 def psis_khat(log_w: torch.Tensor) -> np.ndarray:
     """Pareto-smoothed importance-sampling shape estimate k-hat per datapoint
-    (arviz :func:`~arviz.psislw`; ``log_w``: ``[K, B]`` -> ``[B]``)."""
+    (arviz :func:`~arviz.psislw`; ``log_w``: ``[K, B]`` -> ``[B]``).  Undefined
+    (NaN) below :data:`PSIS_MIN_SAMPLES` samples, too few to fit a tail."""
+    if log_w.shape[0] < PSIS_MIN_SAMPLES:
+        return np.full(log_w.shape[1], np.nan)
     with warnings.catch_warnings():
         # arviz warns on import (its refactor notice) and on few samples / large k; we report k itself
         warnings.simplefilter("ignore")
@@ -125,12 +75,6 @@ def psis_khat(log_w: torch.Tensor) -> np.ndarray:
 
         _, khat = arviz.psislw(log_w.T.double().cpu().numpy())
     return np.asarray(khat, dtype=np.float64)
-
-
-def _factors(d):
-    while isinstance(d, Independent):
-        d = d.base_dist
-    return d
 
 
 def kl_per_dimension(model: Callable, guide: Callable, x: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -141,23 +85,11 @@ def kl_per_dimension(model: Callable, guide: Callable, x: torch.Tensor) -> dict[
     priors) each dimension's KL is analytic if torch registers the pair, else a
     one-sample estimate ``log q(z_u|x) - log p(z_u)``.  A site whose guide or
     prior does not factorise (e.g. a full-covariance guide) gets its total KL
-    as a single column ``[B, 1]``, computed the same way."""
+    as a single column ``[B, 1]``, computed the same way (see
+    :func:`~pyro_vae.traces.site_kl`)."""
     guide_trace, model_trace = guide_and_model_traces(model, guide, x)
-    out = {}
-    for name, q_site in _sample_sites(guide_trace):
-        p_site = model_trace.nodes.get(name)
-        if p_site is None or p_site["is_observed"]:
-            continue
-        q, p = _factors(q_site["fn"]), _factors(p_site["fn"])
-        if q.event_shape or p.event_shape:  # not factorised: the site's total KL
-            q, p = q_site["fn"], p_site["fn"]
-        try:
-            kl = kl_divergence(q, p)
-        except NotImplementedError:
-            z = q_site["value"]
-            kl = q.log_prob(z) - p.log_prob(z)
-        out[name] = kl.reshape(x.shape[0], -1)
-    return out
+    return {name: site_kl(q_site, model_trace.nodes[name]).reshape(x.shape[0], -1)
+            for name, q_site in latent_sites(guide_trace)}
 
 
 @dataclass
@@ -172,6 +104,13 @@ class Evaluation:
     num_samples: int
     extra: dict = field(default_factory=dict)
 
+    def _khat_summary(self) -> dict:
+        """Mean, max and fraction above 0.7 of k-hat; ``None`` where undefined (K too small)."""
+        if np.isnan(self.khat).all():
+            return {"psis_khat": None, "psis_khat_max": None, "psis_khat_frac_above_0.7": None}
+        return {"psis_khat": float(self.khat.mean()), "psis_khat_max": float(self.khat.max()),
+                "psis_khat_frac_above_0.7": float((self.khat > 0.7).mean())}
+
     def summary(self) -> dict:
         """Means over datapoints, in nats; the NLL as a positive number."""
         kl_total = float(sum(v.sum() for v in self.kl_per_dim.values()))
@@ -179,9 +118,7 @@ class Evaluation:
             "elbo": float(self.elbo.mean()),
             "iw_nll": float(-self.log_likelihood.mean()),
             "kl": kl_total,
-            "psis_khat": float(self.khat.mean()),
-            "psis_khat_max": float(self.khat.max()),
-            "psis_khat_frac_above_0.7": float((self.khat > 0.7).mean()),
+            **self._khat_summary(),
             "kl_per_dim": {k: [round(float(u), 4) for u in v] for k, v in self.kl_per_dim.items()},
             "iw_samples": self.num_samples,
             "num_datapoints": int(self.elbo.shape[0]),

@@ -5,14 +5,14 @@ from dataclasses import dataclass
 
 import pyro
 import torch
-from pyro.infer import ELBO
 from pyro.nn import PyroModule
 
 from pyro_vae import registry
 from pyro_vae.config import ExperimentConfig
 from pyro_vae.data import ImageDataset
 from pyro_vae.errors import ConfigError, DataError
-from pyro_vae.evaluate import guide_and_model_traces
+from pyro_vae.objectives import Objective
+from pyro_vae.traces import OBSERVED_SITE, guide_and_model_traces
 
 
 def resolve_device(name: str) -> torch.device:
@@ -44,7 +44,7 @@ class Experiment:
     data: ImageDataset
     model: PyroModule
     guide: PyroModule
-    objective: ELBO
+    objective: Objective
 
     @classmethod
     def build(cls, config: ExperimentConfig, device: torch.device | None = None) -> "Experiment":
@@ -55,19 +55,20 @@ class Experiment:
         data = registry.DATASETS.build(config.data.name, config.data.options, device=device)
         pyro.set_rng_seed(config.train.seed)
         model, guide = build_model_and_guide(config, data.event_shape)
-        objective = registry.OBJECTIVES.build(config.objective.name, config.objective.options)
-        experiment = cls(config, device, data, model.to(device), guide.to(device), objective)
+        model, guide = model.to(device), guide.to(device)
+        objective = registry.OBJECTIVES.build(config.objective.name, config.objective.options)(model, guide)
+        experiment = cls(config, device, data, model, guide, objective.to(device))
         experiment.check_data_fits_model()
         return experiment
 
     def check_data_fits_model(self) -> None:
         """Every value of every split must lie in the support of the model's
-        likelihood at site ``"x"`` (e.g. {0, 1} for Bernoulli pixels)."""
+        likelihood at the observed site (e.g. {0, 1} for Bernoulli pixels)."""
         check_size = 10_000  # datapoints at a time, to bound memory
         for name, split in self.data.splits.items():
             with torch.no_grad():
                 _, model_trace = guide_and_model_traces(self.model, self.guide, split.batch(slice(0, 2)))
-            likelihood = model_trace.nodes["x"]["fn"]
+            likelihood = model_trace.nodes[OBSERVED_SITE]["fn"]
             if not all(
                 bool(likelihood.support.check(x.reshape(x.shape[0], *likelihood.event_shape)).all())
                 for x in split.batches(check_size)

@@ -1,7 +1,7 @@
 """Pictures of a trained model: prior samples, reconstructions, training curves.
 
 Images are read off the site contract alone: the mean of the model's
-likelihood at site ``"x"`` (for Bernoulli pixels, ``sigmoid(logits)``), from
+likelihood at the observed site (for Bernoulli pixels, ``sigmoid(logits)``), from
 the prior (``model(None, batch_size=n)``) or from latents drawn by the guide.
 """
 from __future__ import annotations
@@ -13,21 +13,21 @@ import pyro.poutine as poutine
 import torch
 from torchvision.utils import save_image
 
-from pyro_vae.evaluate import guide_and_model_traces
+from pyro_vae.traces import OBSERVED_SITE, guide_and_model_traces
 
 
 @torch.no_grad()
 def prior_means(model: Callable, n: int, event_shape: Sequence[int]) -> torch.Tensor:
     """``E[x | z]`` for ``z ~ p(z)``: ``[n, *event_shape]``."""
     trace = poutine.trace(model).get_trace(None, batch_size=n)
-    return trace.nodes["x"]["fn"].mean.reshape(n, *event_shape)
+    return trace.nodes[OBSERVED_SITE]["fn"].mean.reshape(n, *event_shape)
 
 
 @torch.no_grad()
 def reconstruction_means(model: Callable, guide: Callable, x: torch.Tensor) -> torch.Tensor:
     """``E[x | z]`` for ``z ~ q(z | x)``, shaped like ``x``."""
     _, model_trace = guide_and_model_traces(model, guide, x)
-    return model_trace.nodes["x"]["fn"].mean.reshape(x.shape)
+    return model_trace.nodes[OBSERVED_SITE]["fn"].mean.reshape(x.shape)
 
 
 def save_samples(model: Callable, event_shape: Sequence[int], path: str | Path, n: int = 64) -> None:

@@ -2,8 +2,8 @@
 
 A part is registered with a decorator::
 
-    @MODELS.register("gaussian")
-    class GaussianLatentVAE(PyroModule): ...
+    @MODELS.register("mlp")
+    class MLPDecoder(PyroModule): ...
 
 The factory's signature *is* the schema of its config section: every parameter
 that the engine does not supply itself (the ``context`` of the table, e.g. the
@@ -18,6 +18,7 @@ in the config's ``imports`` list.
 from __future__ import annotations
 
 import difflib
+import functools
 import importlib
 import inspect
 import typing
@@ -45,11 +46,15 @@ class Registry:
     :param kind: what the table holds ("model", "guide", ...), used in messages.
     :param context: parameter names the engine passes itself; they are not
         user options.
+    :param deferred: parameter names passed later: :meth:`build` then returns
+        the factory with every other argument bound, to be called with these
+        (objectives: ``OBJECTIVES.build(name, options)(model, guide)``).
     """
 
-    def __init__(self, kind: str, context: tuple[str, ...] = ()):
+    def __init__(self, kind: str, context: tuple[str, ...] = (), deferred: tuple[str, ...] = ()):
         self.kind = kind
-        self.context = frozenset(context)
+        self.deferred = tuple(deferred)
+        self.context = frozenset(context) | frozenset(deferred)
         self._entries: dict[str, Entry] = {}
 
     def register(self, name: str) -> Callable[[Callable], Callable]:
@@ -117,8 +122,11 @@ class Registry:
             ) from None
 
     def build(self, name: str, options: dict[str, Any], **context: Any) -> Any:
-        """Call the factory with validated user options and engine context."""
+        """Call the factory with validated user options and engine context (or,
+        for a table with ``deferred`` arguments, bind them and return the factory)."""
         entry = self.get(name)
+        if self.deferred:
+            return functools.partial(entry.factory, **self.validate(name, options), **context)
         return entry.factory(**self.validate(name, options), **context)
 
 
@@ -126,7 +134,7 @@ DATASETS = Registry("dataset", context=("device",))
 PRIORS = Registry("prior", context=("latent_dim",))
 MODELS = Registry("model", context=("prior", "event_shape"))
 GUIDES = Registry("guide", context=("event_shape", "latent_dim"))
-OBJECTIVES = Registry("objective")
+OBJECTIVES = Registry("objective", deferred=("model", "guide"))
 
 ALL = {"data": DATASETS, "prior": PRIORS, "model": MODELS, "guide": GUIDES, "objective": OBJECTIVES}
 

@@ -3,8 +3,8 @@
 ::
 
     RUN_DIR/config.toml          the resolved config (every default filled in)
-    RUN_DIR/checkpoint.pt        model, guide, optimizer, epoch, history (each epoch)
-    RUN_DIR/metrics.csv          epoch, train_elbo, valid_elbo, seconds
+    RUN_DIR/checkpoint.pt        model, guide, objective state, optimizer, epoch, history (each epoch)
+    RUN_DIR/metrics.csv          epoch, train_loss, train_elbo, the objective's other metrics, valid_elbo, seconds
     RUN_DIR/samples.png          64 samples from the prior
     RUN_DIR/reconstructions.png  test digits beside their reconstructions
     RUN_DIR/curves.png           ELBO per epoch
@@ -25,8 +25,6 @@ from pyro_vae.checkpoint import CHECKPOINT, load_checkpoint
 from pyro_vae.config import ExperimentConfig, load_config, save_config
 from pyro_vae.errors import CheckpointError, ConfigError
 from pyro_vae.experiment import Experiment
-
-METRICS_FIELDS = ("epoch", "train_elbo", "valid_elbo", "seconds")
 
 
 class RunDir:
@@ -76,10 +74,13 @@ class RunDir:
         return experiment, state
 
     def write_metrics(self, history: list[dict]) -> None:
+        """One row an epoch; the columns are the history's keys (the
+        objective's metrics differ between objectives)."""
+        fields = list(dict.fromkeys(key for row in history for key in row))
         with open(self.path / "metrics.csv", "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=METRICS_FIELDS)
+            writer = csv.DictWriter(f, fieldnames=fields)
             writer.writeheader()
-            writer.writerows({k: row[k] for k in METRICS_FIELDS} for row in history)
+            writer.writerows(history)
 
     def write_json(self, name: str, data: dict) -> Path:
         path = self.path / name

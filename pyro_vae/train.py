@@ -1,5 +1,6 @@
-"""The training loop: ``-ELBO`` minimised by :class:`torch.optim.Adam` over
-the parameters of ``objective(model, guide)`` (a PyTorch module).
+"""The training loop: the loss of ``objective(model, guide)`` (a PyTorch
+module, see :mod:`pyro_vae.objectives`) minimised by :class:`torch.optim.Adam`
+over the objective's parameter groups, one :meth:`Objective.step` a batch.
 
 Every epoch ends with a checkpoint (atomic), so an interrupted run resumes
 from its last finished epoch; rerunning ``train`` on the same run directory
@@ -23,6 +24,7 @@ from pyro_vae.config import ExperimentConfig
 from pyro_vae.errors import TrainingDivergedError
 from pyro_vae.evaluate import Evaluation, evaluate, mean_elbo
 from pyro_vae.experiment import Experiment
+from pyro_vae.objectives import Objective, TrainingContext
 from pyro_vae.plots import save_curves, save_reconstructions, save_samples
 from pyro_vae.rundir import RunDir
 
@@ -42,85 +44,100 @@ def _diverged(epoch: int, step: int, run: RunDir) -> TrainingDivergedError:
     )
 
 
-def make_optimizer(params, lr: float) -> torch.optim.Optimizer:
-    """Adam, with its update fused into one kernel where the device supports it
-    (CPU and CUDA: about 5x faster than the per-tensor loop for these models)."""
-    params = list(params)
+def make_optimizer(param_groups: list[dict[str, Any]], lr: float) -> torch.optim.Optimizer:
+    """Adam over the objective's parameter groups (a group without its own
+    ``lr`` gets ``lr``), its update fused into one kernel where the device
+    supports it (CPU and CUDA: about 5x faster than the per-tensor loop for
+    these models)."""
     try:
-        return torch.optim.Adam(params, lr=lr, fused=True)
+        return torch.optim.Adam(param_groups, lr=lr, fused=True)
     except RuntimeError:
-        return torch.optim.Adam(params, lr=lr)
+        return torch.optim.Adam(param_groups, lr=lr)
 
 
-def train_step(loss_fn: torch.nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor,
+def train_step(objective: Objective, optimizer: torch.optim.Optimizer, x: torch.Tensor,
                validate: bool = False) -> torch.Tensor:
-    """One gradient step on ``loss_fn(x)``; returns the detached loss.
+    """One optimisation step of ``objective`` on ``x`` (the objective's own
+    :meth:`~pyro_vae.objectives.Objective.step`); returns the detached loss.
     Pyro's argument validation runs only when ``validate`` (it costs ~1 ms a step)."""
     with pyro.validation_enabled(validate):
-        loss = loss_fn(x)
-    optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    optimizer.step()
-    return loss.detach()
+        return objective.step(x, optimizer)
+
+
+def _restore(objective: Objective, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> list[dict]:
+    objective.model.load_state_dict(state["model"])
+    objective.guide.load_state_dict(state["guide"])
+    if state.get("objective"):
+        objective.load_own_state_dict(state["objective"])
+    optimizer.load_state_dict(state["optimizer"])
+    return list(state["history"])
 
 
 def fit(experiment: Experiment, run: RunDir, progress: bool = True, verbose: bool = True) -> list[dict[str, Any]]:
     """Train up to ``config.train.epochs``, resuming from ``run``'s checkpoint.
     ``progress`` shows a bar per epoch, ``verbose`` a line per finished epoch.
-    Returns the per-epoch history."""
+    Returns the per-epoch history: the objective's metrics averaged over the
+    epoch's datapoints (``train_loss``, ``train_elbo``, ...), the valid ELBO
+    and the seconds taken."""
     cfg = experiment.config.train
-    model, guide, device = experiment.model, experiment.guide, experiment.device
-    loss_fn = experiment.objective(model, guide)
-    optimizer = make_optimizer(loss_fn.parameters(), cfg.lr)
-    history: list[dict[str, Any]] = []
-    run.path.mkdir(parents=True, exist_ok=True)
-    if run.checkpoint.is_file():
-        state = load_checkpoint(run.checkpoint, map_location=device)
-        model.load_state_dict(state["model"])
-        guide.load_state_dict(state["guide"])
-        optimizer.load_state_dict(state["optimizer"])
-        history = list(state["history"])
+    objective, device = experiment.objective, experiment.device
     train = experiment.data["train"]
     if cfg.limit:
         train = train.head(cfg.limit)
     valid = experiment.data["valid"]
+    objective.prepare(train.batch(slice(0, 2)))
+    optimizer = make_optimizer(objective.param_groups(), cfg.lr)
+    history: list[dict[str, Any]] = []
+    run.path.mkdir(parents=True, exist_ok=True)
+    if run.checkpoint.is_file():
+        history = _restore(objective, optimizer, load_checkpoint(run.checkpoint, map_location=device))
+    steps_per_epoch = train.num_batches(cfg.batch_size)
+    objective.context = TrainingContext(step=len(history) * steps_per_epoch, num_train=len(train),
+                                        steps_per_epoch=steps_per_epoch)
     generator = torch.Generator(device=device)
 
     for epoch in range(len(history) + 1, cfg.epochs + 1):
         pyro.set_rng_seed(epoch_seed(cfg.seed, epoch))
         generator.manual_seed(epoch_seed(cfg.seed, epoch))
+        objective.context.epoch = epoch
+        objective.train()
         start = time.perf_counter()
-        total = torch.zeros((), device=device)
+        sums: dict[str, torch.Tensor] = {}
         bar = tqdm(
             train.batches(cfg.batch_size, shuffle=True, generator=generator),
-            total=train.num_batches(cfg.batch_size),
+            total=steps_per_epoch,
             desc=f"epoch {epoch}/{cfg.epochs}",
             disable=not progress,
             leave=False,
         )
         for step, x in enumerate(bar, 1):
-            try:  # -ELBO summed over the batch; validated on each epoch's first step
-                total += train_step(loss_fn, optimizer, x, validate=step == 1)
+            try:  # validated on each epoch's first step
+                train_step(objective, optimizer, x, validate=step == 1)
             except ValueError as exc:  # Pyro's validation rejects NaN distribution parameters
-                if all(torch.isfinite(p).all() for p in loss_fn.parameters()):
+                if all(torch.isfinite(p).all() for p in objective.parameters()):
                     raise
                 raise _diverged(epoch, step, run) from exc
+            objective.context.step += 1
+            for name, value in objective.metrics.items():  # per-datapoint means -> sums over datapoints
+                sums[name] = sums.get(name, 0.0) + value * x.shape[0]
             if step % REPORT_EVERY == 0:
-                running = total.item()
-                if not math.isfinite(running):
+                seen = min(step * cfg.batch_size, len(train))
+                loss, elbo = sums["loss"].item() / seen, sums["elbo"].item() / seen if "elbo" in sums else None
+                if not math.isfinite(loss):
                     raise _diverged(epoch, step, run)
-                bar.set_postfix(elbo=f"{-running / min(step * cfg.batch_size, len(train)):.2f}")
-        train_elbo = -total.item() / len(train)
-        if not math.isfinite(train_elbo):
+                bar.set_postfix(loss=f"{loss:.2f}", **({"elbo": f"{elbo:.2f}"} if elbo is not None else {}))
+        metrics = {f"train_{name}": value.item() / len(train) for name, value in sums.items()}
+        if not math.isfinite(metrics["train_loss"]):
             raise _diverged(epoch, step, run)
-        valid_elbo = mean_elbo(model, guide, valid.batches(VALID_BATCH))
-        history.append(
-            {"epoch": epoch, "train_elbo": train_elbo, "valid_elbo": valid_elbo, "seconds": time.perf_counter() - start}
-        )
+        objective.eval()
+        valid_elbo = mean_elbo(objective.model, objective.guide, valid.batches(VALID_BATCH))
+        history.append({"epoch": epoch, **metrics, "valid_elbo": valid_elbo,
+                        "seconds": time.perf_counter() - start})
         save_checkpoint(
             {
-                "model": model.state_dict(),
-                "guide": guide.state_dict(),
+                "model": objective.model.state_dict(),
+                "guide": objective.guide.state_dict(),
+                "objective": objective.own_state_dict(),
                 "optimizer": optimizer.state_dict(),
                 "epoch": epoch,
                 "history": history,
@@ -129,8 +146,9 @@ def fit(experiment: Experiment, run: RunDir, progress: bool = True, verbose: boo
         )
         run.write_metrics(history)
         if verbose:
-            tqdm.write(f"epoch {epoch:>4}  train ELBO {train_elbo:9.3f}  valid ELBO {valid_elbo:9.3f}  "
-                       f"({history[-1]['seconds']:.1f} s)")
+            train_elbo = f"train ELBO {metrics['train_elbo']:9.3f}  " if "train_elbo" in metrics else ""
+            tqdm.write(f"epoch {epoch:>4}  loss {metrics['train_loss']:9.3f}  {train_elbo}"
+                       f"valid ELBO {valid_elbo:9.3f}  ({history[-1]['seconds']:.1f} s)")
     return history
 
 
@@ -175,7 +193,7 @@ def train_and_evaluate(config: ExperimentConfig, run_dir: str | Path, overwrite:
         "train_seconds": round(train_seconds, 1),
         "wall_seconds_this_call": round(time.perf_counter() - start, 1),
         "device": str(experiment.device),
-        "final_train_elbo": history[-1]["train_elbo"] if history else None,
+        "final_train_elbo": history[-1].get("train_elbo") if history else None,
         "final_valid_elbo": history[-1]["valid_elbo"] if history else None,
         "eval": result.summary(),
     }

@@ -17,7 +17,7 @@ def _seed():
 
 TINY = {
     "data": {"name": "mnist", "binarization": "dynamic"},
-    "model": {"name": "gaussian", "latent_dim": 8, "hidden": [64], "activation": "relu"},
+    "model": {"name": "mlp", "latent_dim": 8, "hidden": [64], "activation": "relu"},
     "prior": {"name": "standard_normal"},
     "guide": {"name": "normal", "hidden": [64], "activation": "relu"},
     "objective": {"name": "meanfield_elbo"},

@@ -16,6 +16,7 @@ import torch
 from pyro.nn import PyroModule
 from torch.distributions import kl_divergence
 
+from pyro_vae.distributions import WithoutRsample
 from pyro_vae.registry import MODELS
 
 
@@ -84,6 +85,26 @@ class MeanFieldGuide(PyroModule):
         q = self.distribution(x).base_dist
         q_mvn = dist.MultivariateNormal(q.loc, torch.diag_embed(q.scale**2))
         return self.model.marginal().log_prob(x) - kl_divergence(q_mvn, self.model.posterior(x))
+
+
+class LearnableMeanFieldGuide(MeanFieldGuide):
+    """:class:`MeanFieldGuide` whose shift and log scale factor (one per latent
+    dimension) are parameters, so the closed-form ELBO has an exact gradient
+    with respect to them.  With ``reparameterized = False`` its samples are
+    drawn without ``rsample``, so objectives must use the score function."""
+
+    def __init__(self, model, shift=0.3, scale_factor=1.4):
+        super().__init__(model)
+        d, dtype = model.latent_dim, model.W.dtype
+        self.shift = torch.nn.Parameter(torch.full((d,), shift, dtype=dtype))
+        self.log_scale_factor = torch.nn.Parameter(torch.full((d,), float(torch.tensor(scale_factor).log()), dtype=dtype))
+        self.reparameterized = True
+
+    def distribution(self, x):
+        post = self.model.posterior(x)
+        sd = post.covariance_matrix.diagonal(dim1=-2, dim2=-1).sqrt()
+        q = dist.Normal(post.mean + self.shift, self.log_scale_factor.exp() * sd).to_event(1)
+        return q if self.reparameterized else WithoutRsample(q, 0)
 
 
 @MODELS.register("linear_gaussian")

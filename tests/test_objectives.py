@@ -1,4 +1,6 @@
-"""Objectives and KL terms against exact answers."""
+"""Objectives and KL terms against exact answers, and the objective protocol."""
+import math
+
 import pyro
 import pyro.distributions as dist
 import pytest
@@ -23,15 +25,100 @@ def test_analytic_kl_matches_monte_carlo_kl():
     assert (abs(analytic - monte_carlo) < 5 * standard_error).all()
 
 
-@pytest.mark.parametrize("name", ["trace_elbo", "meanfield_elbo"])
+@pytest.mark.parametrize("name", ["trace_elbo", "meanfield_elbo", "tracegraph_elbo", "nvil"])
 def test_objectives_estimate_the_exact_elbo(name):
-    """-loss / B over many particles -> mean of log p(x) - KL(q || p(z|x))."""
+    """The loss's value and the `elbo` metric over many particles -> the mean
+    of log p(x) - KL(q || p(z|x)) (for the ELBO objectives, loss = -ELBO)."""
     model = LinearGaussianModel()
     guide = MeanFieldGuide(model)
     x = model.sample_data(20)
-    objective = registry.OBJECTIVES.build(name, {"num_particles": 20_000})
-    loss = objective(model, guide)(x)
-    assert -loss.item() / 20 == pytest.approx(guide.exact_elbo(x).mean().item(), abs=0.03)
+    objective = registry.OBJECTIVES.build(name, {"num_particles": 20_000})(model, guide).double()
+    loss = objective(x)
+    exact = guide.exact_elbo(x).mean().item()
+    assert -loss.item() / 20 == pytest.approx(exact, abs=0.03)
+    assert objective.metrics["elbo"].item() == pytest.approx(exact, abs=0.03)
+    assert objective.metrics["loss"].item() == pytest.approx(loss.item() / 20)
+
+
+def test_vimco_loss_is_the_k_sample_bound_and_its_elbo_metric_the_elbo():
+    model = LinearGaussianModel()
+    guide = MeanFieldGuide(model)
+    x = model.sample_data(20).repeat(200, 1)
+    objective = registry.OBJECTIVES.build("vimco", {"num_particles": 10})(model, guide)
+    loss = objective(x).item() / x.shape[0]
+    elbo, log_px = guide.exact_elbo(x).mean().item(), model.marginal().log_prob(x).mean().item()
+    assert objective.metrics["elbo"].item() == pytest.approx(elbo, abs=0.05)
+    assert elbo + 0.1 < -loss < log_px  # ELBO < E[L_10] < log p(x)
+    assert objective.metrics["iw_bound"].item() == pytest.approx(-loss)
+
+
+def test_meanfield_elbo_equals_pyros_tracemeanfield_elbo():
+    """Same draws, same loss and same gradients as Pyro's TraceMeanField_ELBO
+    on a reparameterized catalogue pair."""
+    from pyro.infer import TraceMeanField_ELBO
+
+    prior = registry.PRIORS.build("standard_normal", {}, latent_dim=3)
+    model = registry.MODELS.build("mlp", {"latent_dim": 3, "hidden": [8]}, prior=prior, event_shape=(6,))
+    guide = registry.GUIDES.build("normal", {"hidden": [8]}, event_shape=(6,), latent_dim=3)
+    x = torch.bernoulli(torch.full((5, 6), 0.4))
+    ours = registry.OBJECTIVES.build("meanfield_elbo", {})(model, guide)
+    pyros = TraceMeanField_ELBO()(model, guide)
+    ours.prepare(x)  # finds the plate nesting, which draws from the RNG
+    results = []
+    for loss_fn in (ours, pyros):
+        pyro.set_rng_seed(7)
+        loss = loss_fn(x)
+        results.append((loss, torch.autograd.grad(loss, list(ours.parameters()))))
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    assert torch.allclose(loss_a, loss_b, atol=1e-5)
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(grads_a, grads_b))
+
+
+def test_objective_protocol():
+    """build(name, options)(model, guide) is a module; train/eval reach the
+    model and guide; a baseline network is its own parameter group with
+    objective.baseline_lr; the relaxed temperature follows the context's step."""
+    prior = registry.PRIORS.build("bernoulli", {}, latent_dim=4)
+    model = registry.MODELS.build("linear", {"latent_dim": 4}, prior=prior, event_shape=(6,))
+    guide = registry.GUIDES.build("bernoulli", {"hidden": []}, event_shape=(6,), latent_dim=4)
+    x = torch.bernoulli(torch.full((5, 6), 0.4))
+    nvil = registry.OBJECTIVES.build("nvil", {"baseline_lr": 0.05})(model, guide)
+    assert isinstance(nvil, torch.nn.Module)
+    nvil.prepare(x)
+    groups = nvil.param_groups()
+    assert len(groups) == 2 and groups[1]["lr"] == 0.05
+    baseline_ids = {id(p) for p in nvil.baseline.parameters()}
+    assert {id(p) for p in groups[1]["params"]} == baseline_ids
+    assert not baseline_ids & {id(p) for p in groups[0]["params"]}
+    assert len(groups[0]["params"]) == len(list(model.parameters())) + len(list(guide.parameters()))
+    nvil.eval()
+    assert not model.training and not guide.training
+    nvil.train()
+    assert model.training and guide.training
+    relaxed = registry.OBJECTIVES.build("relaxed", {"temperature": 1.0, "anneal_rate": 1e-3,
+                                                    "temperature_min": 0.2})(model, guide)
+    relaxed(x)
+    assert relaxed.metrics["temperature"].item() == pytest.approx(1.0)
+    relaxed.context.step = 1000
+    relaxed(x)
+    assert relaxed.metrics["temperature"].item() == pytest.approx(math.exp(-1.0))
+    relaxed.context.step = 10_000
+    relaxed(x)
+    assert relaxed.metrics["temperature"].item() == pytest.approx(0.2)
+
+
+@pytest.mark.parametrize("name,options,match", [
+    ("vimco", {"num_particles": 1}, "num_particles >= 2"),
+    ("disarm", {}, "needs Bernoulli latents"),
+    ("relaxed", {"temperature": 0.1, "temperature_min": 0.5}, "temperature_min <= temperature"),
+])
+def test_objectives_refuse_what_they_cannot_estimate(name, options, match):
+    from pyro_vae.errors import ConfigError
+
+    model = LinearGaussianModel()
+    x = model.sample_data(4)
+    with pytest.raises(ConfigError, match=match):
+        registry.OBJECTIVES.build(name, options)(model, MeanFieldGuide(model))(x)
 
 
 def test_meanfield_elbo_uses_the_analytic_kl():
@@ -59,14 +146,27 @@ def test_meanfield_elbo_uses_the_analytic_kl():
     assert torch.stack([trace(x) for _ in range(5)]).std() > 0.01  # the Monte-Carlo KL is noisy
 
 
-def test_losses_are_differentiable_modules():
+@pytest.mark.parametrize("name", ["trace_elbo", "meanfield_elbo", "vimco"])
+def test_losses_are_differentiable_modules(name):
     registry.load_catalogue()
     prior = registry.PRIORS.build("standard_normal", {}, latent_dim=2)
-    model = registry.MODELS.build("gaussian", {"latent_dim": 2, "hidden": [8]}, prior=prior, event_shape=(1, 4, 4))
+    model = registry.MODELS.build("mlp", {"latent_dim": 2, "hidden": [8]}, prior=prior, event_shape=(1, 4, 4))
     guide = registry.GUIDES.build("normal", {"hidden": [8]}, event_shape=(1, 4, 4), latent_dim=2)
-    loss_fn = registry.OBJECTIVES.build("trace_elbo", {"num_particles": 3})(model, guide)
+    loss_fn = registry.OBJECTIVES.build(name, {"num_particles": 3})(model, guide)
     x = torch.bernoulli(torch.full((5, 1, 4, 4), 0.5))
     loss_fn(x).backward()
     grads = [p.grad for p in loss_fn.parameters()]
     assert grads and all(g is not None and torch.isfinite(g).all() for g in grads)
     assert len(pyro.get_param_store()) == 0  # parameters live in the modules
+
+
+def test_vimco_leave_one_out_bounds_on_hand_built_weights():
+    """log w = [0, log 3]: swapping w_1 for the geometric mean of the others
+    (3) gives log 3; swapping w_2 for 1 gives log 1 = 0."""
+    from pyro_vae.objectives.score import VIMCO
+
+    log_w = torch.tensor([[0.0], [math.log(3.0)]])
+    assert torch.allclose(VIMCO.leave_one_out_bounds(log_w), torch.tensor([[math.log(3.0)], [0.0]]))
+    log_w = torch.tensor([[0.0], [math.log(2.0)], [math.log(8.0)]])  # others' geometric means: 4, sqrt 8, sqrt 2
+    expected = torch.log(torch.tensor([[(4 + 2 + 8) / 3], [(1 + 8**0.5 + 8) / 3], [(1 + 2 + 2**0.5) / 3]]))
+    assert torch.allclose(VIMCO.leave_one_out_bounds(log_w), expected)

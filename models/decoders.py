@@ -1,10 +1,14 @@
-"""The Gaussian-latent VAE with a Bernoulli likelihood on pixels (Kingma &
-Welling 2014; Burda et al. 2015's one-stochastic-layer model)::
+"""Decoders p(x | z) with Bernoulli pixels, for any prior p(z)::
 
-    z ~ p(z)                                (the prior, e.g. N(0, I))
+    z ~ p(z)                                   (the prior: N(0, I), Bernoulli, ...)
     x | z ~ prod_d Bernoulli(x_d | sigmoid(f_theta(z))_d)
 
-``f_theta`` is an MLP emitting one logit per pixel.
+``f_theta`` is an MLP emitting one logit per pixel (``mlp``), or one affine
+map (``linear``: the one-layer sigmoid belief net of NVIL, MuProp and REBAR,
+``logits = W z + b``).  What kind of latent the model has is the prior's
+business: the same decoder with prior ``standard_normal`` and guide
+``normal`` is the Gaussian-latent VAE (Kingma & Welling 2014; Burda et al.
+2015), and with prior ``bernoulli`` and guide ``bernoulli`` a binary-latent VAE.
 """
 from __future__ import annotations
 
@@ -19,11 +23,12 @@ from pyro.nn import PyroModule
 from pyro_vae.distributions import BernoulliVector
 from pyro_vae.nn import Activation, mlp
 from pyro_vae.registry import MODELS
+from pyro_vae.traces import DATA_PLATE, OBSERVED_SITE
 
 
-@MODELS.register("gaussian")
-class GaussianLatentVAE(PyroModule):
-    """Gaussian latent z, MLP decoder, Bernoulli pixels: p(x|z) = Bern(sigmoid(MLP(z)))."""
+@MODELS.register("mlp")
+class MLPDecoder(PyroModule):
+    """MLP decoder, Bernoulli pixels: p(x|z) = Bern(sigmoid(MLP(z))), z from the prior."""
 
     def __init__(
         self,
@@ -44,6 +49,13 @@ class GaussianLatentVAE(PyroModule):
         plate; with ``x=None`` draw ``batch_size`` images from the model."""
         batch_size = x.shape[0] if x is not None else batch_size
         obs = x.reshape(batch_size, -1) if x is not None else None
-        with pyro.plate("data", batch_size):
+        with pyro.plate(DATA_PLATE, batch_size):
             z = pyro.sample("z", self.prior(batch_size))
-            pyro.sample("x", BernoulliVector(logits=self.decoder(z)), obs=obs)
+            pyro.sample(OBSERVED_SITE, BernoulliVector(logits=self.decoder(z)), obs=obs)
+
+
+@MODELS.register("linear")
+def linear(prior: Callable[[int], dist.TorchDistribution], event_shape: tuple[int, ...],
+           latent_dim: int = 200) -> MLPDecoder:
+    """Linear decoder (one-layer sigmoid belief net): p(x|z) = Bern(sigmoid(W z + b))."""
+    return MLPDecoder(prior, event_shape, latent_dim, hidden=[])

@@ -1,0 +1,155 @@
+"""The ELBO, ``E_q[log p(x, z) - log q(z | x)]``, with three gradient estimators.
+
+For a reparameterized guide site the gradient flows through the sample; for
+a site without ``rsample`` (binary latents) it needs the score function::
+
+    grad_phi E_q[f(z)] = E_q[f(z) grad_phi log q(z | x)]   (+ E_q[grad_phi f], when f depends on phi)
+
+The term ``-E_q[grad_phi log q(z | x)]`` that ``f = log p - log q`` adds is
+zero in expectation and is dropped, as Pyro does.  Each datapoint's score is
+multiplied by its own learning signal (the data plate makes them
+independent).
+"""
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+import pyro.poutine as poutine
+import torch
+from pyro.infer import Trace_ELBO, TraceGraph_ELBO
+
+from pyro_vae.errors import ConfigError
+from pyro_vae.objectives.base import Objective
+from pyro_vae.objectives.baselines import NeuralBaseline, RunningMoments
+from pyro_vae.registry import OBJECTIVES
+from pyro_vae.traces import draw_particles, has_analytic_kl, is_reparameterized, latent_sites
+
+
+def score_term(signal: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """``signal * (log q - stop(log q))``: zero in value, and in gradient the
+    score-function term ``signal * grad_phi log q(z | x)`` (``signal`` is
+    detached)."""
+    return signal.detach() * (log_q - log_q.detach())
+
+
+@OBJECTIVES.register("trace_elbo")
+class TraceELBO(Objective):
+    """Pyro Trace_ELBO: Monte-Carlo E_q[log p(x,z) - log q(z|x)], score function on discrete sites, no baseline."""
+
+    def __init__(self, model, guide, num_particles: int = 1):
+        super().__init__(model, guide)
+        self.num_particles = num_particles
+        self.elbo = Trace_ELBO(num_particles=num_particles, vectorize_particles=num_particles > 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        loss = self.elbo.differentiable_loss(self.model, self.guide, x)
+        return self.report(loss, x.shape[0], elbo=-loss / x.shape[0])
+
+
+class _TraceGraphSurrogate(TraceGraph_ELBO):
+    """Pyro's TraceGraph_ELBO, whose surrogate loss pyro 1.9 builds only
+    inside ``loss_and_grads``: this returns it, as a loss whose value is
+    ``-ELBO`` and whose gradient is the estimator."""
+
+    def differentiable_loss(self, model, guide, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+        elbo, surrogate_loss = self._loss_and_surrogate_loss(model, guide, args, kwargs)
+        return -elbo.detach() + (surrogate_loss - surrogate_loss.detach()), elbo.detach()
+
+
+@OBJECTIVES.register("tracegraph_elbo")
+class TraceGraphELBO(Objective):
+    """Pyro TraceGraph_ELBO: score function with Rao-Blackwellisation and a baseline declared on each discrete guide site."""
+
+    def __init__(
+        self,
+        model,
+        guide,
+        baseline: Literal["none", "decaying_avg", "neural"] = "decaying_avg",
+        baseline_beta: float = 0.9,
+        baseline_hidden: list[int] = [100],
+        baseline_lr: Optional[float] = None,
+        num_particles: int = 1,
+    ):
+        """
+        :param baseline: ``decaying_avg``: ``b = `` a decaying average of the
+            batch-mean ELBO (one number for every datapoint); ``neural``:
+            ``b_psi(x)``, an MLP of the datapoint, trained by Pyro's baseline
+            loss ``(f - b_psi(x))^2``; ``none``.
+        :param baseline_beta: decay of the average (Pyro's ``baseline_beta``).
+        :param baseline_hidden: hidden widths of the neural baseline.
+        :param baseline_lr: the neural baseline's learning rate (default: ``train.lr``).
+        """
+        super().__init__(model, guide)
+        self.num_particles = num_particles
+        self.baseline_kind = baseline
+        self.baseline_lr = baseline_lr
+        self.average = RunningMoments(baseline_beta) if baseline == "decaying_avg" else None
+        self.baseline = NeuralBaseline(baseline_hidden) if baseline == "neural" else None
+        self._elbo: Optional[_TraceGraphSurrogate] = None
+
+    def param_groups(self):
+        if self.baseline is None:
+            return super().param_groups()
+        main = [p for name, p in self.named_parameters() if not name.startswith("baseline.")]
+        group = {"params": list(self.baseline.parameters())}
+        return [{"params": main}, group | ({"lr": self.baseline_lr} if self.baseline_lr else {})]
+
+    def _baseline_value(self, x: torch.Tensor) -> Optional[torch.Tensor]:
+        """``b`` in the shape of Pyro's downstream cost with vectorized
+        particles: ``[K, B]``, or ``[B]`` when ``K = 1``."""
+        shape = (self.num_particles, x.shape[0]) if self.num_particles > 1 else (x.shape[0],)
+        if self.average is not None:
+            return self.average.mean.expand(shape)
+        if self.baseline is not None:
+            return self.baseline(x).expand(shape)
+        return None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._elbo is None:
+            self._elbo = _TraceGraphSurrogate(num_particles=self.num_particles, vectorize_particles=True,
+                                              max_plate_nesting=self.nesting(x))
+        value = self._baseline_value(x)
+        guide = self.guide
+        if value is not None:  # declared on every score-function site of the guide
+            guide = poutine.infer_config(self.guide, lambda msg: {} if msg["is_observed"] or is_reparameterized(msg)
+                                         else {"baseline": {"baseline_value": value}})
+        loss, elbo = self._elbo.differentiable_loss(self.model, guide, x)
+        batch_mean_elbo = elbo / x.shape[0]
+        if self.average is not None and self.training:
+            self.average.update(batch_mean_elbo)
+        return self.report(loss, x.shape[0], elbo=batch_mean_elbo)
+
+
+@OBJECTIVES.register("meanfield_elbo")
+class MeanFieldELBO(Objective):
+    """E_q[log p(x|z)] - KL(q(z|x) || p(z)), KL analytic where registered; score function on the reconstruction term only."""
+
+    def __init__(self, model, guide, num_particles: int = 1):
+        """As Pyro's ``TraceMeanField_ELBO`` (the same loss and gradients for
+        reparameterized guides, tested), and also for score-function sites,
+        which Pyro's refuses: their learning signal is ``log p(x | z)`` alone,
+        the KL's gradient being exact.  Like Pyro's, it assumes each site's KL
+        does not depend on another site's sample (a mean-field guide, a prior
+        without latent parents)."""
+        super().__init__(model, guide)
+        self.num_particles = num_particles
+        self._checked = False
+
+    def _check(self, particles) -> None:
+        for name, site in latent_sites(particles.guide_trace):
+            if not is_reparameterized(site) and not has_analytic_kl(site, particles.model_trace.nodes[name]):
+                raise ConfigError(
+                    f"meanfield_elbo needs an analytic KL at the score-function site {name!r} "
+                    f"({type(site['fn']).__name__} against the prior's); use trace_elbo or tracegraph_elbo"
+                )
+        self._checked = True
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        particles = draw_particles(self.model, self.guide, x, self.num_particles, self.nesting(x))
+        if not self._checked:
+            self._check(particles)
+        log_likelihood, kl = particles.log_likelihood(), particles.kl()
+        elbo = log_likelihood - kl  # [K, B]
+        surrogate = elbo + score_term(log_likelihood, particles.log_guide(reparameterized=False))
+        loss = -surrogate.mean(0).sum()
+        return self.report(loss, x.shape[0], elbo=elbo, kl=kl)

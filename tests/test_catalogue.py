@@ -1,0 +1,38 @@
+"""The catalogue's parts compute what their docstrings say."""
+import pyro.poutine as poutine
+import torch
+from torch.nn.functional import softplus
+
+from pyro_vae import registry
+
+
+def test_normal_guide_scale_is_softplus_plus_a_small_floor():
+    """sigma = softplus(s) + 1e-4: down to ~1e-4 for very negative s."""
+    guide = registry.GUIDES.build("normal", {"hidden": [3]}, event_shape=(4,), latent_dim=2)
+    x = torch.randn(5, 4)
+    with torch.no_grad():
+        guide.encoder[-1].bias[2:] = torch.tensor([-30.0, 1.0])
+        raw = guide.encoder(x)[:, 2:]
+        scale = poutine.trace(guide).get_trace(x).nodes["z"]["fn"].base_dist.scale
+    assert torch.allclose(scale, softplus(raw) + 1e-4)
+    assert (scale[:, 0] < 2e-4).all()
+
+
+def test_bernoulli_prior_fixed_or_learned():
+    fixed = registry.PRIORS.build("bernoulli", {}, latent_dim=3)
+    learned = registry.PRIORS.build("bernoulli", {"learned": True}, latent_dim=3)
+    assert list(fixed.parameters()) == [] and [p.shape for p in learned.parameters()] == [(3,)]
+    p = fixed(5)
+    assert p.batch_shape == (5,) and p.event_shape == (3,)
+    assert torch.allclose(p.log_prob(torch.ones(5, 3)), torch.full((5,), 3 * torch.log(torch.tensor(0.5))))
+
+
+def test_linear_decoder_is_one_affine_map():
+    prior = registry.PRIORS.build("bernoulli", {}, latent_dim=200)
+    model = registry.MODELS.build("linear", {}, prior=prior, event_shape=(1, 28, 28))
+    layers = [m for m in model.decoder.modules() if isinstance(m, torch.nn.Linear)]
+    assert len(layers) == 1 and layers[0].weight.shape == (784, 200)
+    x = torch.bernoulli(torch.full((3, 1, 28, 28), 0.2))
+    trace = poutine.trace(model).get_trace(x)
+    z = trace.nodes["z"]["value"]
+    assert torch.allclose(trace.nodes["x"]["fn"].logits, layers[0](z))
