@@ -6,6 +6,7 @@ from __future__ import annotations
 import pyro.distributions as dist
 import torch
 from pyro.poutine.messenger import Messenger
+from pyro.poutine.util import site_is_subsample
 from torch.nn.functional import softplus
 
 
@@ -59,5 +60,5 @@ class ScoreFunctionOnly(Messenger):
     """
 
     def _pyro_sample(self, msg) -> None:
-        if not msg["is_observed"] and not isinstance(msg["fn"], WithoutRsample):
+        if not msg["is_observed"] and not site_is_subsample(msg) and not isinstance(msg["fn"], WithoutRsample):
             msg["fn"] = WithoutRsample(msg["fn"], 0)

@@ -85,9 +85,18 @@ class Objective(torch.nn.Module):
         self.train(was_training)
 
     def param_groups(self) -> list[dict[str, Any]]:
-        """Parameter groups for the optimizer; a group without ``lr`` gets the
-        trainer's learning rate."""
-        return [{"params": [p for p in self.parameters() if p.requires_grad]}]
+        """Parameter groups for the optimizer: the model's and guide's, and the
+        parameters of a submodule named ``baseline`` (a control variate's
+        network) apart, with learning rate ``self.baseline_lr`` where set.  A
+        group without ``lr`` gets the trainer's learning rate."""
+        main, baseline = [], []
+        for name, p in self.named_parameters():
+            if p.requires_grad:
+                (baseline if name.startswith("baseline.") else main).append(p)
+        if not baseline:
+            return [{"params": main}]
+        lr = getattr(self, "baseline_lr", None)
+        return [{"params": main}, {"params": baseline, **({"lr": lr} if lr else {})}]
 
     def step(self, x: torch.Tensor, optimizer: torch.optim.Optimizer) -> torch.Tensor:
         """One optimisation step on the batch ``x``; returns the detached loss."""

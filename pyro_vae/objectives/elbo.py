@@ -71,10 +71,11 @@ class TraceGraphELBO(Objective):
         num_particles: int = 1,
     ):
         """
-        :param baseline: ``decaying_avg``: ``b = `` a decaying average of the
-            batch-mean ELBO (one number for every datapoint); ``neural``:
-            ``b_psi(x)``, an MLP of the datapoint, trained by Pyro's baseline
-            loss ``(f - b_psi(x))^2``; ``none``.
+        :param baseline: ``decaying_avg``: ``b = c``, a decaying average of
+            the batch-mean ELBO (one number for every datapoint); ``neural``:
+            ``b = c + b_psi(x)``, an MLP of the datapoint fitted to what the
+            average leaves, ``(f - c - b_psi(x))^2`` (Pyro's baseline loss);
+            ``none``.
         :param baseline_beta: decay of the average (Pyro's ``baseline_beta``).
         :param baseline_hidden: hidden widths of the neural baseline.
         :param baseline_lr: the neural baseline's learning rate (default: ``train.lr``).
@@ -83,26 +84,19 @@ class TraceGraphELBO(Objective):
         self.num_particles = num_particles
         self.baseline_kind = baseline
         self.baseline_lr = baseline_lr
-        self.average = RunningMoments(baseline_beta) if baseline == "decaying_avg" else None
+        self.average = RunningMoments(baseline_beta) if baseline != "none" else None
         self.baseline = NeuralBaseline(baseline_hidden) if baseline == "neural" else None
         self._elbo: Optional[_TraceGraphSurrogate] = None
-
-    def param_groups(self):
-        if self.baseline is None:
-            return super().param_groups()
-        main = [p for name, p in self.named_parameters() if not name.startswith("baseline.")]
-        group = {"params": list(self.baseline.parameters())}
-        return [{"params": main}, group | ({"lr": self.baseline_lr} if self.baseline_lr else {})]
 
     def _baseline_value(self, x: torch.Tensor) -> Optional[torch.Tensor]:
         """``b`` in the shape of Pyro's downstream cost with vectorized
         particles: ``[K, B]``, or ``[B]`` when ``K = 1``."""
         shape = (self.num_particles, x.shape[0]) if self.num_particles > 1 else (x.shape[0],)
-        if self.average is not None:
+        if self.average is None:
+            return None
+        if self.baseline is None:
             return self.average.mean.expand(shape)
-        if self.baseline is not None:
-            return self.baseline(x).expand(shape)
-        return None
+        return (self.average.mean + self.baseline(x)).expand(shape)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._elbo is None:

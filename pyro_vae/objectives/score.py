@@ -60,11 +60,6 @@ class NVIL(Objective):
         self.moments = RunningMoments(baseline_beta)
         self.baseline = NeuralBaseline(baseline_hidden)
 
-    def param_groups(self):
-        main = [p for name, p in self.named_parameters() if not name.startswith("baseline.")]
-        group = {"params": list(self.baseline.parameters())}
-        return [{"params": main}, group | ({"lr": self.baseline_lr} if self.baseline_lr else {})]
-
     def signal_scale(self) -> torch.Tensor:
         """``max(1, sd)``, the divisor of the centred learning signal."""
         return self.moments.var.sqrt().clamp(min=1.0) if self.normalise else torch.ones_like(self.moments.var)

@@ -1,0 +1,28 @@
+"""The study scripts run end to end on a small configuration."""
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+import tomli_w
+
+from conftest import TINY
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_gradient_variance_script(tmp_path):
+    config = {**TINY, "data": {"name": "mnist", "binarization": "static"},
+              "model": {"name": "linear", "latent_dim": 20}, "prior": {"name": "bernoulli", "learned": True},
+              "guide": {"name": "bernoulli", "hidden": []}, "objective": {"name": "disarm"}}
+    (tmp_path / "sbn.toml").write_text(tomli_w.dumps(config))
+    out = tmp_path / "gv"
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "gradient_variance.py"), "--config", str(tmp_path / "sbn.toml"),
+                    "--estimators", "trace_elbo", "nvil", "disarm", "--draws", "30", "--reference-draws", "500",
+                    "--warmup", "20", "--out", str(out)], check=True, capture_output=True, cwd=tmp_path)
+    rows = {row["estimator"]: row for row in csv.DictReader(open(out.with_suffix(".csv")))}
+    assert set(rows) == {"trace_elbo", "nvil", "disarm"}
+    # the plain score function is orders of magnitude noisier than DisARM
+    assert float(rows["trace_elbo"]["variance"]) > 100 * float(rows["disarm"]["variance"])
+    assert float(rows["disarm"]["bias"]) < 3 * float(rows["disarm"]["noise"])
+    assert out.with_suffix(".png").stat().st_size > 1000 and "| `disarm` |" in out.with_suffix(".md").read_text()
