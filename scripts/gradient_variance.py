@@ -225,13 +225,15 @@ def plot(rows: list[dict], path: Path, where: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 0.45 * len(rows) + 1.2), dpi=120)
+    fig, ax = plt.subplots(figsize=(9, 0.45 * len(rows) + 1.4), dpi=120)
     names = [r["estimator"] for r in rows]
-    ax.barh(names, [r["variance"] for r in rows], color="tab:blue")
+    biased = [r["bias"] > 3 * r["noise"] for r in rows]  # further from the reference than noise explains
+    ax.barh(names, [r["variance"] for r in rows], color=["tab:orange" if b else "tab:blue" for b in biased])
     ax.set_xscale("log")
+    ax.set_xlim(right=10 * max(r["variance"] for r in rows))  # room for the labels
     ax.invert_yaxis()
     for i, r in enumerate(rows):
-        ax.text(r["variance"], i, f"  {r['ms']:.1f} ms", va="center", fontsize=8)
+        ax.text(r["variance"], i, f"  {r['ms']:.1f} ms" + ("  (biased)" if biased[i] else ""), va="center", fontsize=8)
     ax.set_xlabel("variance of the encoder gradient (trace of covariance, log scale)")
     ax.set_title(f"gradient estimators on {where}", fontsize=9)
     ax.grid(axis="x", alpha=0.3)
