@@ -33,6 +33,22 @@ def _train(args: argparse.Namespace) -> None:
           f"{ev['iw_nll']:.2f} nats  ->  {run_dir}")
 
 
+def _given(value, default):
+    """The command-line value where one was given (0 included), else the config's."""
+    return default if value is None else value
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: an integer >= 1, refused with a message otherwise."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def _evaluate(args: argparse.Namespace) -> None:
     from pyro_vae.rundir import RunDir
     from pyro_vae.train import evaluate_run
@@ -42,10 +58,10 @@ def _evaluate(args: argparse.Namespace) -> None:
     defaults = experiment.config.eval
     result = evaluate_run(
         experiment,
-        split=args.split or defaults.split,
-        num_samples=args.iw_samples or defaults.iw_samples,
-        chunk_size=args.chunk_size or defaults.chunk_size,
-        batch_size=args.batch_size or defaults.batch_size,
+        split=_given(args.split, defaults.split),
+        num_samples=_given(args.iw_samples, defaults.iw_samples),
+        chunk_size=_given(args.chunk_size, defaults.chunk_size),
+        batch_size=_given(args.batch_size, defaults.batch_size),
         limit=args.limit,
         progress=not args.quiet,
     )
@@ -81,11 +97,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     ev = sub.add_parser("evaluate", help="evaluate a trained run: ELBO, IS NLL, KL, PSIS k-hat")
     ev.add_argument("run_dir", type=Path)
-    ev.add_argument("--iw-samples", type=int, help="K importance samples per datapoint")
+    ev.add_argument("--iw-samples", type=positive_int,
+                    help="K importance samples per datapoint (K=1 gives the ELBO; PSIS k-hat needs K >= 25)")
     ev.add_argument("--split", choices=["train", "valid", "test"])
-    ev.add_argument("--limit", type=int, help="only the first N datapoints")
-    ev.add_argument("--chunk-size", type=int, help="samples drawn at once (bounds memory)")
-    ev.add_argument("--batch-size", type=int, help="datapoints evaluated at once")
+    ev.add_argument("--limit", type=positive_int, help="only the first N datapoints")
+    ev.add_argument("--chunk-size", type=positive_int, help="samples drawn at once (bounds memory)")
+    ev.add_argument("--batch-size", type=positive_int, help="datapoints evaluated at once")
     ev.add_argument("--quiet", action="store_true", help="no progress bar")
     ev.set_defaults(func=_evaluate)
 

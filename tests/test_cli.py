@@ -43,3 +43,21 @@ def test_errors_are_one_line_messages(tmp_path, capsys):
     assert err.startswith("pyro-vae: error: unknown model 'mlpp'. Did you mean 'mlp'?")
     assert main(["evaluate", str(tmp_path / "nowhere")]) == 2
     assert "not a run directory" in capsys.readouterr().err
+
+
+def test_evaluate_takes_k_equal_one_and_refuses_bad_numbers(tmp_path, capsys):
+    import pytest
+
+    config = tmp_path / "tiny.toml"
+    config.write_text(tomli_w.dumps(TINY))
+    run = tmp_path / "run"
+    assert main(["train", str(config), "--run-dir", str(run), "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["evaluate", str(run), "--iw-samples", "1", "--limit", "20", "--quiet"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["iw_samples"] == 1 and summary["psis_khat"] is None
+    assert summary["iw_nll"] == -summary["elbo"]  # L_1 is the one-sample ELBO
+    for flag, value in (("--iw-samples", "-3"), ("--iw-samples", "0"), ("--limit", "0"), ("--chunk-size", "x")):
+        with pytest.raises(SystemExit):
+            main(["evaluate", str(run), flag, value])
+        assert f"argument {flag}" in capsys.readouterr().err
