@@ -54,6 +54,9 @@ class MLPDecoder(PyroModule):
             pyro.sample(OBSERVED_SITE, BernoulliVector(logits=self.decoder(z)), obs=obs)
 
 
+MODELS.rename("gaussian", "mlp")  # its latent was always the prior's business
+
+
 @MODELS.register("linear")
 def linear(prior: Callable[[int], dist.TorchDistribution], event_shape: tuple[int, ...],
            latent_dim: int = 200) -> MLPDecoder:

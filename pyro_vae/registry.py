@@ -56,6 +56,12 @@ class Registry:
         self.deferred = tuple(deferred)
         self.context = frozenset(context) | frozenset(deferred)
         self._entries: dict[str, Entry] = {}
+        self._renamed: dict[str, str] = {}
+
+    def rename(self, old: str, new: str) -> None:
+        """Record that ``old`` is now called ``new``: configs naming ``old`` get
+        an error that says so."""
+        self._renamed[old] = new
 
     def register(self, name: str) -> Callable[[Callable], Callable]:
         """Decorator registering a class or function under ``name``."""
@@ -97,6 +103,9 @@ class Registry:
         try:
             return self._entries[name]
         except KeyError:
+            if name in self._renamed:
+                raise ConfigError(f"{self.kind} {name!r} is now called {self._renamed[name]!r}: "
+                                  f"set `name = \"{self._renamed[name]}\"` in [{self.kind}]") from None
             close = difflib.get_close_matches(name, self._entries, n=1)
             hint = f" Did you mean {close[0]!r}?" if close else ""
             raise ConfigError(

@@ -1,8 +1,8 @@
 """The trace core: a model/guide pair turned into per-datapoint log-densities.
 
-This module owns the site contract's names and is the only place that reads
-Pyro traces: the evaluator, the objectives, the data check and the plots all
-go through it.
+This module owns the site contract's names and the log-densities read off
+Pyro traces: the evaluator, the objectives, the data check and the plots take
+their traces and per-datapoint figures from it and spell no site name.
 
 For datapoints ``x_b`` and latents ``z_kb ~ q(z | x_b)`` (``k`` indexing
 particles, drawn at once inside a particle plate placed left of every plate

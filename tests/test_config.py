@@ -54,6 +54,7 @@ def test_overrides_apply(tmp_path):
         ("train", "lr", "fast", r"train.lr: Input should be a valid number"),
         ("train", "lr", -1.0, r"train.lr: Input should be greater than 0"),
         ("model", "name", "mlpp", r"unknown model 'mlpp'. Did you mean 'mlp'\?"),
+        ("model", "name", "gaussian", r"model 'gaussian' is now called 'mlp'"),
         ("objective", "name", "elbo", r"unknown objective .elbo.*meanfield_elbo, nvil"),
         ("data", "binarization", "soft", r"binarization: Input should be 'dynamic'"),
     ],

@@ -170,3 +170,54 @@ def test_vimco_leave_one_out_bounds_on_hand_built_weights():
     log_w = torch.tensor([[0.0], [math.log(2.0)], [math.log(8.0)]])  # others' geometric means: 4, sqrt 8, sqrt 2
     expected = torch.log(torch.tensor([[(4 + 2 + 8) / 3], [(1 + 8**0.5 + 8) / 3], [(1 + 2 + 2**0.5) / 3]]))
     assert torch.allclose(VIMCO.leave_one_out_bounds(log_w), expected)
+
+
+def _bernoulli_pair(latent_dim=4, pixels=6):
+    prior = registry.PRIORS.build("bernoulli", {}, latent_dim=latent_dim)
+    model = registry.MODELS.build("linear", {"latent_dim": latent_dim}, prior=prior, event_shape=(pixels,))
+    guide = registry.GUIDES.build("bernoulli", {"hidden": []}, event_shape=(pixels,), latent_dim=latent_dim)
+    return model, guide
+
+
+def test_nvil_uses_the_moments_of_earlier_batches_and_trains_its_baseline_by_squared_error():
+    """In training mode the step's signal is centred and scaled with the
+    moments *before* this batch's update (else the estimator would be biased),
+    and the baseline's gradient is that of sum_b mean_k (l - c - b(x))^2."""
+    model, guide = _bernoulli_pair()
+    x = torch.bernoulli(torch.full((5, 6), 0.4))
+    nvil = registry.OBJECTIVES.build("nvil", {"baseline_hidden": []})(model, guide)
+    nvil.prepare(x)
+    with torch.no_grad():
+        nvil.baseline.net.weight.zero_()
+        nvil.baseline.net.bias.fill_(-2.0)
+        nvil.moments.mean.fill_(-3.0)
+        nvil.moments.var.fill_(16.0)
+        nvil.moments.count.fill_(7)
+    guide_params = list(guide.parameters())
+    grads = {}
+    for mode in ("eval", "train"):
+        getattr(nvil, mode)()
+        pyro.set_rng_seed(11)
+        loss = nvil(x)
+        grads[mode] = torch.autograd.grad(loss, guide_params + [nvil.baseline.net.bias])
+        grads[mode + "_loss"] = loss.detach()
+    assert all(torch.allclose(a, b) for a, b in zip(grads["eval"], grads["train"]))
+    assert int(nvil.moments.count) == 8 and nvil.moments.mean.item() != -3.0  # updated after use
+    # d/d(bias) sum_b (l_b + 2 + 3)^2 = -2 sum_b (l_b + 5), and sum_b l_b = -loss
+    expected = -2 * (-grads["eval_loss"] + 5 * x.shape[0])
+    assert torch.allclose(grads["eval"][-1], expected.reshape(1), rtol=1e-5)
+
+
+def test_estimators_needing_one_bernoulli_site_refuse_two():
+    from pyro_vae.errors import ConfigError
+
+    model, guide = _bernoulli_pair()
+    x = torch.bernoulli(torch.full((5, 6), 0.4))
+
+    def two_site_guide(x, batch_size=None):
+        guide(x)
+        with pyro.plate("data_again", x.shape[0]):
+            pyro.sample("w", dist.Bernoulli(logits=torch.zeros(x.shape[0], 2)).to_event(1))
+
+    with pytest.raises(ConfigError, match="one latent site"):
+        registry.OBJECTIVES.build("disarm", {})(model, two_site_guide)(x)

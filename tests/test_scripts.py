@@ -18,7 +18,7 @@ def test_gradient_variance_script(tmp_path):
     (tmp_path / "sbn.toml").write_text(tomli_w.dumps(config))
     out = tmp_path / "gv"
     subprocess.run([sys.executable, str(ROOT / "scripts" / "gradient_variance.py"), "--config", str(tmp_path / "sbn.toml"),
-                    "--estimators", "trace_elbo", "nvil", "disarm", "--draws", "30", "--reference-draws", "500",
+                    "--estimators", "trace_elbo", "nvil", "disarm", "--reference", "nvil", "--draws", "30", "--reference-draws", "500",
                     "--warmup", "20", "--out", str(out)], check=True, capture_output=True, cwd=tmp_path)
     rows = {row["estimator"]: row for row in csv.DictReader(open(out.with_suffix(".csv")))}
     assert set(rows) == {"trace_elbo", "nvil", "disarm"}

@@ -7,6 +7,8 @@ from pyro_vae.config import config_from_dict
 from pyro_vae.errors import CheckpointError, ConfigError, DataError, TrainingDivergedError
 from pyro_vae.evaluate import mean_elbo
 from pyro_vae.experiment import Experiment
+from pyro_vae.objectives import Objective
+from pyro_vae.registry import OBJECTIVES
 from pyro_vae.rundir import RunDir
 from pyro_vae.train import fit
 
@@ -162,7 +164,44 @@ def test_objective_state_is_checkpointed_and_restored(tiny_raw, tmp_path):
     saved = load_checkpoint(tmp_path / "checkpoint.pt")["objective"]
     assert int(saved["moments.count"]) == 3 and "baseline.net.0.weight" in saved
     tiny_raw["train"]["epochs"] = 2
+    restored = Experiment.build(config_from_dict(tiny_raw))
+    restored.objective.prepare(restored.data["train"].batch(slice(0, 2)))
+    from pyro_vae.train import _restore, make_optimizer
+
+    _restore(restored.objective, make_optimizer(restored.objective.param_groups(), 1e-3),
+             load_checkpoint(tmp_path / "checkpoint.pt"))
+    assert torch.equal(restored.objective.baseline.net[0].weight, saved["baseline.net.0.weight"])
     resumed = Experiment.build(config_from_dict(tiny_raw))
+    resumed.objective.prepare(resumed.data["train"].batch(slice(0, 2)))
+    before = resumed.objective.baseline.net[0].weight.detach().clone()
     fit(resumed, RunDir(tmp_path), progress=False)
     assert int(resumed.objective.moments.count) == 6
+    assert resumed.objective.context.step == 6  # 3 steps an epoch, counted across the resume
+    assert not torch.allclose(before, saved["baseline.net.0.weight"])  # a fresh net differs from the saved one
     assert load_checkpoint(tmp_path / "checkpoint.pt")["optimizer"]["param_groups"][1]["lr"] == 0.01
+
+
+class _PixelCount(Objective):
+    """A test objective whose `elbo` metric is a known function of the data:
+    the number of ones in each image, so the epoch mean is exact."""
+
+    def __init__(self, model, guide):
+        super().__init__(model, guide)
+        self.weight = torch.nn.Parameter(torch.ones(()))
+
+    def forward(self, x):
+        ones = x.reshape(x.shape[0], -1).sum(-1)
+        return self.report((self.weight * ones).sum(), x.shape[0], elbo=ones)
+
+
+OBJECTIVES.register("_pixel_count")(_PixelCount)
+
+
+def test_epoch_metrics_are_means_over_datapoints_with_a_ragged_last_batch(tiny_raw, tmp_path):
+    tiny_raw["data"]["binarization"] = "threshold"
+    tiny_raw["objective"] = {"name": "_pixel_count"}
+    tiny_raw["train"].update(limit=250, batch_size=100, epochs=1)  # batches of 100, 100, 50
+    experiment = Experiment.build(config_from_dict(tiny_raw))
+    history = fit(experiment, RunDir(tmp_path), progress=False)
+    ones = experiment.data["train"].head(250).batch(slice(0, 250)).reshape(250, -1).sum(-1)
+    assert history[0]["train_elbo"] == pytest.approx(ones.mean().item(), rel=1e-6)

@@ -29,8 +29,10 @@ class RunningMoments(nn.Module):
         mean <- beta mean + (1 - beta) batch_mean
         var  <- beta var  + (1 - beta) batch_var
 
-    started at the first batch's moments.  Buffers, so they follow
-    ``.to(device)`` and are checkpointed."""
+    started at the first batch's moments (:meth:`start`: an objective calls
+    it before its first use, so that the first step's signal is centred too,
+    at the price of one step's baseline seeing its own batch).  Buffers, so
+    they follow ``.to(device)`` and are checkpointed."""
 
     def __init__(self, beta: float):
         super().__init__()
@@ -40,17 +42,34 @@ class RunningMoments(nn.Module):
         self.register_buffer("mean", torch.zeros(()))
         self.register_buffer("var", torch.ones(()))
         self.register_buffer("count", torch.zeros((), dtype=torch.long))
+        self._started: bool | None = None  # mirrors count > 0 on the host: no device sync a step
+
+    @property
+    def started(self) -> bool:
+        if self._started is None:
+            self._started = bool(self.count > 0)
+        return self._started
+
+    @torch.no_grad()
+    def start(self, signal: torch.Tensor) -> None:
+        """Take the first batch's moments, if no batch has been seen."""
+        if not self.started:
+            self.mean.copy_(signal.mean())
+            self.var.copy_(signal.var(unbiased=False) if signal.numel() > 1 else torch.zeros_like(self.var))
 
     @torch.no_grad()
     def update(self, signal: torch.Tensor) -> None:
-        mean, var = signal.mean(), signal.var(unbiased=False) if signal.numel() > 1 else torch.zeros_like(self.var)
-        if self.count == 0:
-            self.mean.copy_(mean)
-            self.var.copy_(var)
-        else:
-            self.mean.lerp_(mean.to(self.mean), 1 - self.beta)
-            self.var.lerp_(var.to(self.var), 1 - self.beta)
+        self.start(signal)
+        if self.started:
+            self.mean.lerp_(signal.mean().to(self.mean), 1 - self.beta)
+            if signal.numel() > 1:
+                self.var.lerp_(signal.var(unbiased=False).to(self.var), 1 - self.beta)
         self.count += 1
+        self._started = True
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._started = None
 
 
 class NeuralBaseline(nn.Module):

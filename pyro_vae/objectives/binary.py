@@ -19,8 +19,10 @@
   ``H = 1[alpha + logit(u) > 0]`` (exactly ``q``-distributed) in the forward
   pass and the gradient of the relaxed ``z~`` in the backward pass.
 
-All three need every latent site's batch shape to be the data plate's
-``[B]`` and, for DisARM, the guide's sites to be independent given ``x``.
+All three read ``alpha`` off one run of the guide, so they take a guide with
+a single Bernoulli latent site whose batch shape is the data plate's ``[B]``
+(a second site could depend on the first one's sample, which they would
+ignore); others are refused.
 """
 from __future__ import annotations
 
@@ -38,9 +40,13 @@ from pyro_vae.traces import latent_sites, replay_particles
 
 
 def bernoulli_logits(guide_trace: poutine.Trace, batch_size: int, estimator: str) -> dict[str, torch.Tensor]:
-    """``alpha`` of every latent site of the guide: ``{site: [B, *event]}``."""
+    """``alpha`` of the guide's latent site: ``{site: [B, *event]}``."""
+    sites = list(latent_sites(guide_trace))
+    if len(sites) != 1:
+        raise ConfigError(f"{estimator} takes a guide with one latent site, not {[n for n, _ in sites]}: "
+                          "a site's logits may depend on another's sample; use nvil or vimco")
     logits = {}
-    for name, site in latent_sites(guide_trace):
+    for name, site in sites:
         fn = site["fn"]
         base = fn.base_dist if isinstance(fn, Independent) else fn
         if not isinstance(base, dist.Bernoulli):

@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import Literal, Optional
 
 import pyro.poutine as poutine
+from pyro.poutine.util import site_is_subsample
 import torch
 from pyro.infer import Trace_ELBO, TraceGraph_ELBO
 
@@ -51,7 +52,8 @@ class _TraceGraphSurrogate(TraceGraph_ELBO):
     inside ``loss_and_grads``: this returns it, as a loss whose value is
     ``-ELBO`` and whose gradient is the estimator."""
 
-    def differentiable_loss(self, model, guide, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+    def loss_and_elbo(self, model, guide, *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+        """(the loss, the ELBO estimate summed over the batch)."""
         elbo, surrogate_loss = self._loss_and_surrogate_loss(model, guide, args, kwargs)
         return -elbo.detach() + (surrogate_loss - surrogate_loss.detach()), elbo.detach()
 
@@ -98,6 +100,16 @@ class TraceGraphELBO(Objective):
             return self.average.mean.expand(shape)
         return (self.average.mean + self.baseline(x)).expand(shape)
 
+    @staticmethod
+    def _declare(msg: dict, value: torch.Tensor, batch_size: int) -> dict:
+        """``infer={"baseline": ...}`` for a score-function latent site."""
+        if msg["is_observed"] or site_is_subsample(msg) or is_reparameterized(msg):
+            return {}
+        if tuple(msg["fn"].batch_shape) != (batch_size,):
+            raise ConfigError(f"tracegraph_elbo's baselines take latent sites in the data plate alone (batch shape "
+                              f"[{batch_size}]); site {msg['name']!r} has {list(msg['fn'].batch_shape)}")
+        return {"baseline": {"baseline_value": value}}
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._elbo is None:
             self._elbo = _TraceGraphSurrogate(num_particles=self.num_particles, vectorize_particles=True,
@@ -105,9 +117,8 @@ class TraceGraphELBO(Objective):
         value = self._baseline_value(x)
         guide = self.guide
         if value is not None:  # declared on every score-function site of the guide
-            guide = poutine.infer_config(self.guide, lambda msg: {} if msg["is_observed"] or is_reparameterized(msg)
-                                         else {"baseline": {"baseline_value": value}})
-        loss, elbo = self._elbo.differentiable_loss(self.model, guide, x)
+            guide = poutine.infer_config(self.guide, lambda msg: self._declare(msg, value, x.shape[0]))
+        loss, elbo = self._elbo.loss_and_elbo(self.model, guide, x)
         batch_mean_elbo = elbo / x.shape[0]
         if self.average is not None and self.training:
             self.average.update(batch_mean_elbo)

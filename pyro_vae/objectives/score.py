@@ -68,6 +68,8 @@ class NVIL(Objective):
         particles = draw_particles(self.model, self.guide, x, self.num_particles, self.nesting(x))
         log_w = particles.log_weights()  # [K, B]
         residual = log_w.detach() - self.baseline(x)  # l - b_psi(x), differentiable in psi only
+        if self.training:
+            self.moments.start(residual.detach())  # the first batch centres itself
         signal = (residual.detach() - self.moments.mean) / self.signal_scale()
         surrogate = (particles.log_likelihood() + particles.log_prior() - particles.log_guide(reparameterized=True)
                      + score_term(signal, particles.log_guide(reparameterized=False)))
