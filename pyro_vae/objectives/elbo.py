@@ -103,7 +103,7 @@ class TraceGraphELBO(Objective):
     @staticmethod
     def _declare(msg: dict, value: torch.Tensor, batch_size: int) -> dict:
         """``infer={"baseline": ...}`` for a score-function latent site."""
-        if msg["is_observed"] or site_is_subsample(msg) or is_reparameterized(msg):
+        if msg["type"] != "sample" or msg["is_observed"] or site_is_subsample(msg) or is_reparameterized(msg):
             return {}
         if tuple(msg["fn"].batch_shape) != (batch_size,):
             raise ConfigError(f"tracegraph_elbo's baselines take latent sites in the data plate alone (batch shape "
