@@ -7,7 +7,8 @@ import pyro.distributions as dist
 import torch
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
-from torch.nn.functional import softplus
+from torch.distributions import register_kl
+from torch.nn.functional import logsigmoid, softplus
 
 
 class BernoulliVector(dist.Independent):
@@ -62,3 +63,16 @@ class ScoreFunctionOnly(Messenger):
     def _pyro_sample(self, msg) -> None:
         if not msg["is_observed"] and not site_is_subsample(msg) and not isinstance(msg["fn"], WithoutRsample):
             msg["fn"] = WithoutRsample(msg["fn"], 0)
+
+
+@register_kl(dist.Bernoulli, dist.Bernoulli)
+def _kl_bernoulli_logits(q: dist.Bernoulli, p: dist.Bernoulli) -> torch.Tensor:
+    """``KL(Ber(sigmoid(a)) || Ber(sigmoid(b)))`` from the logits::
+
+        sigmoid(a) [log sigmoid(a) - log sigmoid(b)] + sigmoid(-a) [log sigmoid(-a) - log sigmoid(-b)]
+
+    torch's version works from probabilities and returns inf once a logit
+    saturates (``|b| > ~17`` in float32 rounds ``sigmoid(b)`` to 0 or 1), as a
+    learned prior's logits do in training; this one is finite for finite logits."""
+    a, b = q.logits, p.logits
+    return torch.sigmoid(a) * (logsigmoid(a) - logsigmoid(b)) + torch.sigmoid(-a) * (logsigmoid(-a) - logsigmoid(-b))

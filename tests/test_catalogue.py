@@ -36,3 +36,20 @@ def test_linear_decoder_is_one_affine_map():
     trace = poutine.trace(model).get_trace(x)
     z = trace.nodes["z"]["value"]
     assert torch.allclose(trace.nodes["x"]["fn"].logits, layers[0](z))
+
+
+def test_bernoulli_kl_is_finite_and_exact_for_saturated_logits():
+    """KL(Ber(sigmoid(a)) || Ber(sigmoid(b))) against float64 sums, including a
+    prior logit of 30 whose float32 probability rounds to 1 (torch's own
+    formula gives inf there)."""
+    import pyro.distributions as dist
+    from torch.distributions import kl_divergence
+
+    a = torch.tensor([0.3, -2.0, 5.0, 1.0])
+    b = torch.tensor([-1.0, 0.5, 30.0, -30.0])
+    kl = kl_divergence(dist.Bernoulli(logits=a), dist.Bernoulli(logits=b))
+    q, p = torch.sigmoid(a.double()), torch.sigmoid(b.double())
+    lp1, lp0 = torch.nn.functional.logsigmoid(b.double()), torch.nn.functional.logsigmoid(-b.double())
+    expected = q * (q.log() - lp1) + (1 - q) * ((1 - q).log() - lp0)
+    assert torch.isfinite(kl).all()
+    assert torch.allclose(kl.double(), expected, rtol=1e-4)
