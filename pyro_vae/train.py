@@ -122,10 +122,10 @@ def fit(experiment: Experiment, run: RunDir, progress: bool = True, verbose: boo
                 sums[name] = sums.get(name, 0.0) + value * x.shape[0]
             if step % REPORT_EVERY == 0:
                 seen = min(step * cfg.batch_size, len(train))
-                loss, elbo = sums["loss"].item() / seen, sums["elbo"].item() / seen if "elbo" in sums else None
-                if not math.isfinite(loss):
+                running = {name: sums[name].item() / seen for name in ("loss", "elbo") if name in sums}
+                if not math.isfinite(running["loss"]):
                     raise _diverged(epoch, step, run)
-                bar.set_postfix(loss=f"{loss:.2f}", **({"elbo": f"{elbo:.2f}"} if elbo is not None else {}))
+                bar.set_postfix({name: f"{value:.2f}" for name, value in running.items()})
         metrics = {f"train_{name}": value.item() / len(train) for name, value in sums.items()}
         if not math.isfinite(metrics["train_loss"]):
             raise _diverged(epoch, step, run)

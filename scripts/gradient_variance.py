@@ -87,8 +87,7 @@ def warm_up(objective: Objective, experiment: Experiment, steps: int, batch_size
     """Train the objective's own parameters and running state for ``steps``
     batches, the model and guide held fixed."""
     own = [p for name, p in objective.named_parameters() if not name.startswith(("model.", "guide."))]
-    has_state = bool(own) or bool(objective.own_state_dict())
-    if not has_state or steps == 0:
+    if not objective.own_state_dict() or steps == 0:  # own parameters and buffers
         return
     optimizer = make_optimizer([{"params": own}], lr) if own else None
     train = experiment.data["train"]

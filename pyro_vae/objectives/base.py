@@ -17,7 +17,7 @@ trainer logs them; it never derives the ELBO from the loss.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import pyro
 import torch
@@ -117,5 +117,3 @@ class Objective(torch.nn.Module):
         if missing or unexpected:
             raise RuntimeError(f"objective state does not fit: missing {missing}, unexpected {unexpected}")
 
-
-ObjectiveFactory = Callable[[torch.nn.Module, torch.nn.Module], Objective]

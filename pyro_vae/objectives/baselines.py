@@ -59,8 +59,10 @@ class RunningMoments(nn.Module):
 
     @torch.no_grad()
     def update(self, signal: torch.Tensor) -> None:
-        self.start(signal)
-        if self.started:
+        """Fold in one batch of the signal (the first batch sets the moments)."""
+        if not self.started:
+            self.start(signal)
+        else:
             self.mean.lerp_(signal.mean().to(self.mean), 1 - self.beta)
             if signal.numel() > 1:
                 self.var.lerp_(signal.var(unbiased=False).to(self.var), 1 - self.beta)

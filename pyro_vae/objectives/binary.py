@@ -116,9 +116,9 @@ class _RelaxedBernoulli(Objective):
         guide_trace = poutine.trace(self.guide).get_trace(x)
         perturbed = {}
         for name, alpha in bernoulli_logits(guide_trace, x.shape[0], self.estimator).items():
-            tiny = torch.finfo(alpha.dtype).eps
+            eps = torch.finfo(alpha.dtype).eps  # keeps logit(u) finite
             u = torch.rand((self.num_particles,) + alpha.shape, dtype=alpha.dtype, device=alpha.device)
-            u = u.clamp(tiny, 1 - tiny)
+            u = u.clamp(eps, 1 - eps)
             perturbed[name] = alpha + torch.log(u) - torch.log1p(-u)
         return guide_trace, perturbed
 
