@@ -2,22 +2,27 @@
 
 ::
 
-    pyro-vae train CONFIG [--set section.key=value ...] [--run-dir DIR] [--overwrite]
-    pyro-vae evaluate RUN_DIR [--iw-samples K] [--split test] [--limit N] [--chunk-size C]
+    pyro-vae train CONFIG [--set section.key=value ...] [--run-dir DIR] [--overwrite] [--no-eval]
+                          [--from-previous-checkpoint]
+    pyro-vae evaluate RUN_DIR [--iw-samples K] [--split test] [--limit N] [--chunk-size C] [--device D]
     pyro-vae list
+
+Exit codes: 0 done; 2 bad input (config, data, checkpoint, run directory:
+the message names the problem and the fix); 3 training diverged; 130 / 143
+stopped by SIGINT / SIGTERM after writing a checkpoint.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from pathlib import Path
 
-import numpy as np
 
 from pyro_vae import registry
 from pyro_vae.config import load_config
-from pyro_vae.errors import PyroVAEError
+from pyro_vae.errors import PyroVAEError, TrainingInterrupted
 
 
 def _train(args: argparse.Namespace) -> None:
@@ -25,9 +30,13 @@ def _train(args: argparse.Namespace) -> None:
 
     config = load_config(args.config, args.set)
     run_dir = args.run_dir or Path("runs") / Path(args.config).stem
-    report = train_and_evaluate(config, run_dir, overwrite=args.overwrite, progress=not args.quiet)
+    report = train_and_evaluate(config, run_dir, overwrite=args.overwrite, progress=not args.quiet,
+                                evaluate_after=not args.no_eval, from_previous=args.from_previous_checkpoint)
+    if args.no_eval:
+        print(json.dumps(report, indent=2))
+        return
     ev = report["eval"]
-    print(json.dumps({k: v for k, v in report.items() if k != "eval"}
+    print(json.dumps({k: v for k, v in report.items() if k not in ("eval", "evaluations")}
                      | {"eval": {k: v for k, v in ev.items() if k != "kl_per_dim"}}, indent=2))
     print(f"{ev['split']} ELBO {ev['elbo']:.2f} nats, {ev['split']} IS NLL (K={ev['iw_samples']}) "
           f"{ev['iw_nll']:.2f} nats  ->  {run_dir}")
@@ -50,11 +59,13 @@ def positive_int(text: str) -> int:
 
 
 def _evaluate(args: argparse.Namespace) -> None:
+    from pyro_vae.experiment import resolve_device
     from pyro_vae.rundir import RunDir
-    from pyro_vae.train import evaluate_run
+    from pyro_vae.train import evaluate_run, record
 
     run = RunDir(args.run_dir)
-    experiment, state = run.load_trained()
+    device = resolve_device(args.device) if args.device else None
+    experiment, state = run.load_trained(device, from_previous=args.from_previous_checkpoint)
     defaults = experiment.config.eval
     result = evaluate_run(
         experiment,
@@ -65,13 +76,8 @@ def _evaluate(args: argparse.Namespace) -> None:
         limit=args.limit,
         progress=not args.quiet,
     )
-    result.extra["epoch"] = state["epoch"]
-    summary = result.summary()
-    split = summary["split"]
-    run.write_json(f"eval_{split}.json", summary)
-    np.savez(run / f"eval_{split}_per_datapoint.npz", elbo=result.elbo,
-             log_likelihood=result.log_likelihood, khat=result.khat)
-    print(json.dumps(summary, indent=2))
+    result.extra.update(epoch=state["epoch"], step_in_epoch=state.get("step_in_epoch", 0))
+    print(json.dumps(record(run, result), indent=2))
 
 
 def _list(args: argparse.Namespace) -> None:
@@ -91,7 +97,11 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override a config value, e.g. --set train.epochs=3 (repeatable)")
     train.add_argument("--run-dir", type=Path, help="where to write the run (default runs/<config name>)")
-    train.add_argument("--overwrite", action="store_true", help="delete RUN_DIR first and train from scratch")
+    train.add_argument("--overwrite", action="store_true",
+                       help="delete RUN_DIR (its checkpoint included; each removed item is listed) and train from scratch")
+    train.add_argument("--no-eval", action="store_true", help="skip the evaluation after training")
+    train.add_argument("--from-previous-checkpoint", action="store_true",
+                       help="the newest checkpoint is corrupt: set it aside and resume from the previous one")
     train.add_argument("--quiet", action="store_true", help="no progress bars")
     train.set_defaults(func=_train)
 
@@ -103,6 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--limit", type=positive_int, help="only the first N datapoints")
     ev.add_argument("--chunk-size", type=positive_int, help="samples drawn at once (bounds memory)")
     ev.add_argument("--batch-size", type=positive_int, help="datapoints evaluated at once")
+    ev.add_argument("--device", choices=["auto", "cpu", "cuda"], help="where to evaluate (default: the config's train.device)")
+    ev.add_argument("--from-previous-checkpoint", action="store_true",
+                    help="the newest checkpoint is corrupt: set it aside and use the previous one")
     ev.add_argument("--quiet", action="store_true", help="no progress bar")
     ev.set_defaults(func=_evaluate)
 
@@ -111,16 +124,35 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class _Messages(logging.Handler):
+    """The library's log records (resuming, skipped batches, removals) as
+    ``pyro-vae: ...`` lines on stderr, clear of the progress bars."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from tqdm.auto import tqdm
+
+        tqdm.write(f"pyro-vae: {record.getMessage()}", file=sys.stderr)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    logger = logging.getLogger("pyro_vae")
+    handler = _Messages()
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
     try:
         args.func(args)
+    except TrainingInterrupted as exc:
+        print(f"pyro-vae: {exc}", file=sys.stderr)
+        return exc.exit_code
     except PyroVAEError as exc:
         print(f"pyro-vae: error: {exc}", file=sys.stderr)
-        return 2
+        return exc.exit_code
     except KeyboardInterrupt:
-        print("pyro-vae: interrupted; finished epochs are in the run directory's checkpoint", file=sys.stderr)
+        print("pyro-vae: interrupted; the run directory holds the last checkpoint", file=sys.stderr)
         return 130
+    finally:
+        logger.removeHandler(handler)
     return 0
 
 

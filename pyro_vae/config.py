@@ -15,10 +15,18 @@ setting its options, and two fixed sections::
 
 A component's options are checked against its factory's signature (see
 :mod:`pyro_vae.registry`); ``train`` and ``eval`` are checked here.  Every
-problem is reported as a :class:`~pyro_vae.errors.ConfigError` naming the key.
+problem is reported as a :class:`~pyro_vae.errors.ConfigError` naming the key,
+with the valid keys and the closest one to a misspelt key.
+
+The *experiment* is what a run directory holds: the data, model, prior, guide
+and objective, the imports, and the training seed, batch size and limit (they
+fix the path through the data).  Everything else -- the learning rate, epochs,
+device, checkpoint and divergence settings, the evaluation -- may change when a
+run is resumed (:data:`RESUMABLE_TRAIN_KEYS`).
 """
 from __future__ import annotations
 
+import re
 import tomllib
 from pathlib import Path
 from typing import Any, Iterable, Literal, Optional
@@ -28,7 +36,7 @@ import tomli_w
 from pydantic import BaseModel, ConfigDict, Field
 
 from pyro_vae import registry
-from pyro_vae.errors import ConfigError
+from pyro_vae.errors import ConfigError, did_you_mean
 
 COMPONENTS = ("data", "model", "prior", "guide", "objective")
 
@@ -51,6 +59,15 @@ class TrainConfig(_Strict):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     seed: int = 0
     limit: Optional[int] = Field(None, ge=1, description="train on the first N training images")
+    checkpoint_minutes: float = Field(10.0, ge=0, description="minutes between checkpoints inside an epoch (0: every step)")
+    max_bad_steps: int = Field(0, ge=0, description="batches with a non-finite loss or gradient skipped before stopping")
+    divergence_factor: Optional[float] = Field(
+        100.0, gt=0, description="stop when the loss exceeds its running mean by this many times its size (none: never)")
+    tensorboard: Optional[bool] = Field(None, description="write TensorBoard event files (default: when installed)")
+
+
+RESUMABLE_TRAIN_KEYS = frozenset(
+    {"epochs", "lr", "device", "checkpoint_minutes", "max_bad_steps", "divergence_factor", "tensorboard"})
 
 
 class EvalConfig(_Strict):
@@ -81,12 +98,36 @@ class ExperimentConfig(_Strict):
         out["eval"] = _drop_none(self.eval.model_dump())
         return out
 
-    def same_experiment(self, other: "ExperimentConfig") -> bool:
-        """True if ``other`` trains the same model the same way, up to the
-        number of epochs and the evaluation settings (so a run can be resumed
-        for more epochs)."""
-        strip = lambda c: c.model_copy(update={"train": c.train.model_copy(update={"epochs": 0}), "eval": EvalConfig()})
-        return strip(self) == strip(other)
+    def experiment_key(self) -> dict[str, Any]:
+        """The flat ``{"section.key": value}`` of what defines the experiment
+        (everything but the evaluation and :data:`RESUMABLE_TRAIN_KEYS`)."""
+        flat = _flatten({k: v for k, v in self.to_toml_dict().items() if k != "eval"})
+        flat.setdefault("imports", [])
+        return {k: v for k, v in flat.items() if k.removeprefix("train.") not in RESUMABLE_TRAIN_KEYS}
+
+    def experiment_differences(self, other: "ExperimentConfig") -> list[str]:
+        """``"model.latent_dim: 50 -> 20"`` for each experiment-defining value
+        that differs from ``self`` to ``other`` (empty: the same experiment)."""
+        mine, theirs = self.experiment_key(), other.experiment_key()
+        return [f"{key}: {mine.get(key, '(unset)')!r} -> {theirs.get(key, '(unset)')!r}"
+                for key in sorted(set(mine) | set(theirs)) if mine.get(key) != theirs.get(key)]
+
+    def setting_changes(self, other: "ExperimentConfig") -> list[str]:
+        """Like :meth:`experiment_differences`, for the settings that may change on resume."""
+        mine, theirs = _flatten(self.to_toml_dict()), _flatten(other.to_toml_dict())
+        keys = sorted(k for k in set(mine) | set(theirs) if k not in self.experiment_key() and k not in other.experiment_key())
+        return [f"{key}: {mine.get(key, '(unset)')!r} -> {theirs.get(key, '(unset)')!r}"
+                for key in keys if mine.get(key) != theirs.get(key)]
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and not prefix:
+            out.update(_flatten(value, f"{key}."))
+        else:
+            out[prefix + key] = value
+    return out
 
 
 def _drop_none(d: dict[str, Any]) -> dict[str, Any]:
@@ -122,13 +163,14 @@ def config_from_dict(raw: dict[str, Any]) -> ExperimentConfig:
     """Validate a raw (TOML-shaped) dict into an :class:`ExperimentConfig`."""
     raw = dict(raw)
     imports = raw.get("imports", [])
-    if not isinstance(imports, list):
-        raise ConfigError("`imports` must be a list of module names")
+    if not isinstance(imports, list) or not all(isinstance(m, str) and MODULE_NAME.fullmatch(m) for m in imports):
+        raise ConfigError(f"`imports` must be a list of module names such as \"my_parts\" or \"lab.priors\" "
+                          f"(not file paths); got {imports!r}")
     registry.load_catalogue(imports)
     known = {"imports", "train", "eval", *COMPONENTS}
-    unknown = sorted(set(raw) - known)
-    if unknown:
-        raise ConfigError(f"unknown section(s) {unknown}; a config has sections {sorted(known - {'imports'})}")
+    for section in sorted(set(raw) - known):
+        raise ConfigError(f"unknown section [{section}].{did_you_mean(section, known)} "
+                          f"A config has sections {', '.join(sorted(known - {'imports'}))} and `imports`.")
     for section in COMPONENTS:
         if section not in raw:
             raise ConfigError(f"missing section [{section}]; it needs at least `name = ...` "
@@ -141,11 +183,22 @@ def config_from_dict(raw: dict[str, Any]) -> ExperimentConfig:
     try:
         return ExperimentConfig(**raw)
     except pydantic.ValidationError as exc:
-        problems = "; ".join(
-            f"{'.'.join(map(str, e['loc']))}: " + ("unknown key" if e["type"] == "extra_forbidden" else e["msg"])
-            for e in exc.errors()
-        )
-        raise ConfigError(f"invalid config: {problems}") from None
+        raise ConfigError(f"invalid config: {'; '.join(map(_describe, exc.errors()))}") from None
+
+
+_FIXED_SECTIONS = {"train": TrainConfig, "eval": EvalConfig}
+MODULE_NAME = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*")
+
+
+def _describe(error: dict) -> str:
+    """One pydantic error as ``train.lrr: unknown key. Did you mean 'lr'? Keys of [train]: ...``."""
+    loc = ".".join(map(str, error["loc"]))
+    section = _FIXED_SECTIONS.get(str(error["loc"][0]))
+    if error["type"] == "extra_forbidden" and section is not None and len(error["loc"]) == 2:
+        valid = section.model_fields
+        return (f"{loc}: unknown key.{did_you_mean(str(error['loc'][1]), valid)} "
+                f"Keys of [{error['loc'][0]}]: {', '.join(valid)}")
+    return f"{loc}: " + ("unknown key" if error["type"] == "extra_forbidden" else error["msg"])
 
 
 def load_config(path: str | Path, overrides: Iterable[str] = ()) -> ExperimentConfig:

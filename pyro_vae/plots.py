@@ -11,7 +11,7 @@ from typing import Callable, Sequence
 
 import pyro.poutine as poutine
 import torch
-from torchvision.utils import save_image
+from torchvision.utils import make_grid, save_image
 
 from pyro_vae.traces import OBSERVED_SITE, guide_and_model_traces
 
@@ -35,10 +35,31 @@ def save_samples(model: Callable, event_shape: Sequence[int], path: str | Path, 
     save_image(prior_means(model, n, event_shape).clamp(0, 1), path, nrow=int(n**0.5), padding=2, pad_value=1.0)
 
 
-def save_reconstructions(model: Callable, guide: Callable, x: torch.Tensor, path: str | Path) -> None:
-    """Pairs (data, reconstruction) side by side, 8 pairs a row."""
-    pairs = torch.stack([x, reconstruction_means(model, guide, x)], dim=1).flatten(0, 1)
-    save_image(pairs.clamp(0, 1), path, nrow=16, padding=2, pad_value=1.0)
+def save_reconstructions(model: Callable, guide: Callable, x: torch.Tensor, path: str | Path, pairs_per_row: int = 8) -> None:
+    """Pairs (data, reconstruction) side by side, ``pairs_per_row`` pairs a
+    row, each column headed "data" or "recon."."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    pairs = torch.stack([x, reconstruction_means(model, guide, x)], dim=1).flatten(0, 1).clamp(0, 1)
+    pad = 2
+    grid = make_grid(pairs.cpu(), nrow=2 * pairs_per_row, padding=pad, pad_value=1.0)
+    height, width = grid.shape[1:]
+    cell = x.shape[-1] + pad
+    fig, ax = plt.subplots(figsize=(width / 40, height / 40 + 0.35), dpi=100)
+    ax.imshow(grid.permute(1, 2, 0).numpy(), interpolation="nearest")
+    ax.set_xticks([pad / 2 + cell * (c + 0.5) for c in range(2 * pairs_per_row)])
+    ax.set_xticklabels(["data", "recon."] * pairs_per_row, fontsize=6)
+    ax.xaxis.tick_top()
+    ax.tick_params(length=0)
+    ax.set_yticks([])
+    for spine in ax.spines.values():
+        spine.set_visible(False)
+    fig.tight_layout(pad=0.1)
+    fig.savefig(path)
+    plt.close(fig)
 
 
 def save_curves(history: list[dict], path: str | Path) -> None:

@@ -17,7 +17,6 @@ in the config's ``imports`` list.
 """
 from __future__ import annotations
 
-import difflib
 import functools
 import importlib
 import inspect
@@ -27,7 +26,7 @@ from typing import Any, Callable
 
 import pydantic
 
-from pyro_vae.errors import ConfigError
+from pyro_vae.errors import ConfigError, did_you_mean
 
 
 @dataclass(frozen=True)
@@ -106,10 +105,8 @@ class Registry:
             if name in self._renamed:
                 raise ConfigError(f"{self.kind} {name!r} is now called {self._renamed[name]!r}: "
                                   f"set `name = \"{self._renamed[name]}\"` in [{self.kind}]") from None
-            close = difflib.get_close_matches(name, self._entries, n=1)
-            hint = f" Did you mean {close[0]!r}?" if close else ""
             raise ConfigError(
-                f"unknown {self.kind} {name!r}.{hint} Registered {self.kind}s: "
+                f"unknown {self.kind} {name!r}.{did_you_mean(name, self._entries)} Registered {self.kind}s: "
                 f"{', '.join(self.names())} (`pyro-vae list` describes each)."
             ) from None
 
@@ -123,7 +120,8 @@ class Registry:
             valid = ", ".join(entry.options_schema.model_fields) or "(none)"
             problems = "; ".join(
                 f"{'.'.join(map(str, err['loc'])) or '?'}: "
-                + ("unknown option" if err["type"] == "extra_forbidden" else err["msg"])
+                + (f"unknown option.{did_you_mean(str(err['loc'][-1]), entry.options_schema.model_fields)}"
+                   if err["type"] == "extra_forbidden" else err["msg"])
                 for err in exc.errors()
             )
             raise ConfigError(

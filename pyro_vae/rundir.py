@@ -1,30 +1,52 @@
-"""The run directory: one experiment's config, checkpoint, metrics and pictures.
+"""The run directory: one experiment's config, checkpoints, metrics, pictures
+and evaluations.
 
 ::
 
-    RUN_DIR/config.toml          the resolved config (every default filled in)
-    RUN_DIR/checkpoint.pt        model, guide, objective state, optimizer, epoch, history (each epoch)
-    RUN_DIR/metrics.csv          epoch, train_loss, train_elbo, the objective's other metrics, valid_elbo, seconds
+    RUN_DIR/config.toml          the resolved config of the latest `train` (every default filled in)
+    RUN_DIR/sessions.jsonl       one line per `train` call: settings, what changed, versions, git commit
+    RUN_DIR/checkpoint.pt        model, guide, objective state, optimizer, RNG states, step, history
+    RUN_DIR/checkpoint.prev.pt   the checkpoint before it
+    RUN_DIR/metrics.csv          per epoch: train_loss, train_elbo, the objective's metrics, valid_elbo, lr, seconds
+    RUN_DIR/tensorboard/         the same as TensorBoard event files (when TensorBoard is installed)
     RUN_DIR/samples.png          64 samples from the prior
-    RUN_DIR/reconstructions.png  test digits beside their reconstructions
+    RUN_DIR/reconstructions.png  test digits (left of each pair) beside their reconstructions (right)
     RUN_DIR/curves.png           ELBO per epoch
-    RUN_DIR/report.json          training summary and the final evaluation
-    RUN_DIR/eval_<split>.json    `pyro-vae evaluate` results (+ per-datapoint .npz)
+    RUN_DIR/report.json          training summary, the latest evaluation, and every evaluation so far
+    RUN_DIR/eval_<split>_K<K>[_first<N>].json   one evaluation's figures (+ per-datapoint .npz)
+
+Every file is written to a temporary name and renamed into place: an
+interrupted write never leaves half a file, and a symbolic link planted in
+the directory is replaced, never written through.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
+import logging
+import os
 import shutil
+from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator, Optional
 
+import numpy as np
 import torch
 
-from pyro_vae.checkpoint import CHECKPOINT, load_checkpoint
+from pyro_vae.checkpoint import CHECKPOINT, PREVIOUS, describe, load_checkpoint, restore_weights
 from pyro_vae.config import ExperimentConfig, load_config, save_config
 from pyro_vae.errors import CheckpointError, ConfigError
 from pyro_vae.experiment import Experiment
+from pyro_vae.provenance import environment
+
+log = logging.getLogger("pyro_vae")
+
+
+def eval_name(split: str, num_samples: int, limit: Optional[int]) -> str:
+    """``eval_test_K5000`` or ``eval_test_K100_first500``: an evaluation's
+    file name says its settings, so none overwrites another."""
+    return f"eval_{split}_K{num_samples}" + (f"_first{limit}" if limit else "")
 
 
 class RunDir:
@@ -42,47 +64,130 @@ class RunDir:
     def config_file(self) -> Path:
         return self.path / "config.toml"
 
-    def prepare(self, config: ExperimentConfig, overwrite: bool = False) -> None:
-        """Create the directory for ``config``.  A directory holding another
-        experiment is refused (no finished work is lost) unless ``overwrite``."""
+    @contextlib.contextmanager
+    def atomic(self, name: str) -> Iterator[Path]:
+        """A temporary path (same suffix) to write ``name`` to; renamed over
+        ``RUN_DIR/name`` when the block succeeds."""
+        target = self.path / name
+        tmp = target.with_name(f".{target.stem}.{os.getpid()}.tmp{target.suffix}")
+        try:
+            yield tmp
+            os.replace(tmp, target)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def _has_checkpoint(self) -> bool:
+        return self.checkpoint.is_file() or (self.path / PREVIOUS).is_file()
+
+    def _remove(self) -> None:
+        """``--overwrite``: delete the directory, saying what goes."""
+        what = sorted(p.name for p in self.path.iterdir())
+        if self._has_checkpoint():
+            try:
+                what.insert(0, f"a checkpoint at {describe(load_checkpoint(self.checkpoint))}")
+            except CheckpointError:
+                what.insert(0, "a checkpoint that does not load")
+        log.warning("--overwrite: removing %s (%s)", self.path, ", ".join(what) or "empty")
+        shutil.rmtree(self.path)
+
+    def open_for_training(self, config: ExperimentConfig, overwrite: bool = False, from_previous: bool = False,
+                          map_location: str | torch.device = "cpu") -> Optional[dict[str, Any]]:
+        """Make the directory ready for ``config`` and return the checkpoint
+        to resume from (``None``: start afresh).  Refused, with nothing
+        written: a directory holding another experiment (unless
+        ``overwrite``), and fewer ``train.epochs`` than the checkpoint has
+        finished.  Settings that may change on resume are logged as changes
+        and recorded, with the environment, in ``sessions.jsonl``."""
+        if self.path.exists() and not self.path.is_dir():
+            raise ConfigError(f"--run-dir {self.path} is a file, not a directory")
         if overwrite and self.path.exists():
-            shutil.rmtree(self.path)
-        if self.config_file.is_file():
-            saved = load_config(self.config_file)
-            if not saved.same_experiment(config):
+            self._remove()
+        previous = load_config(self.config_file) if self.config_file.is_file() else None
+        if previous is not None:
+            differences = previous.experiment_differences(config)
+            if differences:
                 raise ConfigError(
-                    f"{self.path} holds a different experiment (see its config.toml). Choose another "
-                    "--run-dir, or pass --overwrite to delete it."
-                )
+                    f"{self.path} holds a different experiment ({'; '.join(differences)}). Choose another "
+                    "--run-dir, or pass --overwrite to delete it and its checkpoint.")
+        state = None
+        if self._has_checkpoint():
+            state = load_checkpoint(self.checkpoint, map_location=map_location, from_previous=from_previous)
+            if state["epoch"] > config.train.epochs:
+                raise ConfigError(
+                    f"{self.path} has {state['epoch']} finished epochs but train.epochs = {config.train.epochs}; "
+                    f"set train.epochs to at least {state['epoch']} to train further, or run "
+                    f"`pyro-vae evaluate {self.path}` to evaluate it as it is.")
+            log.info("resuming %s from %s", self.path, describe(state))
+        changes = previous.setting_changes(config) if previous is not None and state is not None else []
+        for change in changes:
+            log.info("changed on resume: %s", change)
         self.path.mkdir(parents=True, exist_ok=True)
-        save_config(config, self.config_file)
+        with self.atomic("config.toml") as tmp:
+            save_config(config, tmp)
+        session = {
+            "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "resumed_from": describe(state) if state else None,
+            "changed": changes,
+            "train": config.train.model_dump(),
+            "eval": config.eval.model_dump(),
+            **environment(),
+        }
+        with open(self.path / "sessions.jsonl", "a") as f:
+            f.write(json.dumps(session) + "\n")
+        return state
 
     def load_config(self) -> ExperimentConfig:
+        if not self.path.exists():
+            raise CheckpointError(f"run directory {self.path} does not exist; train one with "
+                                  f"`pyro-vae train CONFIG --run-dir {self.path}`")
         if not self.config_file.is_file():
             raise CheckpointError(f"{self.path} is not a run directory: it has no config.toml")
         return load_config(self.config_file)
 
-    def load_trained(self, device: torch.device | None = None) -> tuple[Experiment, dict[str, Any]]:
+    def load_trained(self, device: torch.device | None = None,
+                     from_previous: bool = False) -> tuple[Experiment, dict[str, Any]]:
         """Rebuild the experiment and load its checkpointed weights."""
         experiment = Experiment.build(self.load_config(), device)
-        state = load_checkpoint(self.checkpoint, map_location=experiment.device)
-        try:
-            experiment.model.load_state_dict(state["model"])
-            experiment.guide.load_state_dict(state["guide"])
-        except RuntimeError as exc:
-            raise CheckpointError(f"{self.checkpoint} does not fit the model in config.toml: {exc}") from None
+        state = load_checkpoint(self.checkpoint, map_location=experiment.device, from_previous=from_previous)
+        restore_weights(experiment.model, experiment.guide, state, experiment.data.event_shape, self.checkpoint)
         return experiment, state
 
     def write_metrics(self, history: list[dict]) -> None:
         """One row an epoch; the columns are the history's keys (the
         objective's metrics differ between objectives)."""
         fields = list(dict.fromkeys(key for row in history for key in row))
-        with open(self.path / "metrics.csv", "w", newline="") as f:
+        with self.atomic("metrics.csv") as tmp, open(tmp, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=fields)
             writer.writeheader()
             writer.writerows(history)
 
     def write_json(self, name: str, data: dict) -> Path:
-        path = self.path / name
-        path.write_text(json.dumps(data, indent=2) + "\n")
-        return path
+        with self.atomic(name) as tmp:
+            tmp.write_text(json.dumps(data, indent=2) + "\n")
+        return self.path / name
+
+    def read_report(self) -> dict[str, Any]:
+        path = self.path / "report.json"
+        try:
+            return json.loads(path.read_text()) if path.is_file() else {}
+        except json.JSONDecodeError:
+            log.warning("%s is not valid JSON; starting a new report", path)
+            return {}
+
+    def record_evaluation(self, summary: dict[str, Any], per_datapoint: dict[str, np.ndarray],
+                          report: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+        """Write ``eval_<settings>.json`` and ``.npz``, and append the summary
+        to ``report.json``'s ``evaluations`` (``report``: fields to update
+        besides).  Returns the summary as written (with its file name and time)."""
+        stem = eval_name(summary["split"], summary["iw_samples"],
+                         summary["num_datapoints"] if summary.get("limit") else None)
+        summary = {**summary, "file": f"{stem}.json",
+                   "evaluated": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+        self.write_json(f"{stem}.json", summary)
+        with self.atomic(f"{stem}_per_datapoint.npz") as tmp:
+            np.savez(tmp, **per_datapoint)
+        full = self.read_report() | (report or {})
+        full["eval"] = summary
+        full["evaluations"] = [*full.get("evaluations", []), summary]
+        self.write_json("report.json", full)
+        return summary

@@ -2,46 +2,53 @@
 module, see :mod:`pyro_vae.objectives`) minimised by :class:`torch.optim.Adam`
 over the objective's parameter groups, one :meth:`Objective.step` a batch.
 
-Every epoch ends with a checkpoint (atomic), so an interrupted run resumes
-from its last finished epoch; rerunning ``train`` on the same run directory
-continues the run, and with more ``train.epochs`` trains further.  Epoch ``e``
-draws its randomness from ``seed`` and ``e`` alone, so a resumed run follows
-the same path as an uninterrupted one.
+No finished work is lost.  A checkpoint (atomic, the previous one kept) is
+written at the end of every epoch and every ``train.checkpoint_minutes``
+inside one; it holds the model, guide, objective and optimizer states, the
+step, the epoch's partial metric sums and every random generator's state, so
+a run killed at any moment resumes from its last checkpoint and -- on the
+same device -- follows bit for bit the path of a run never interrupted.
+SIGINT and SIGTERM write a checkpoint after the current step and stop.
+Epoch ``e`` shuffles with a generator seeded from ``seed`` and ``e`` alone.
+
+A step whose loss or gradient is not finite changes no parameter; up to
+``train.max_bad_steps`` of them are skipped, and the next stops training with
+the site that went bad named, as does a loss exploding against its running
+mean (``train.divergence_factor``); the last checkpoint stays intact.
 """
 from __future__ import annotations
 
-import math
+import logging
+import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import pyro
 import torch
 from tqdm.auto import tqdm
 
-from pyro_vae.checkpoint import load_checkpoint, save_checkpoint
+from pyro_vae.checkpoint import describe, load_checkpoint, restore_weights, rng_state, save_checkpoint, set_rng_state
 from pyro_vae.config import ExperimentConfig
-from pyro_vae.errors import TrainingDivergedError
+from pyro_vae.divergence import DivergenceMonitor, GuardedOptimizer, locate_non_finite
+from pyro_vae.errors import TrainingDivergedError, TrainingInterrupted
 from pyro_vae.evaluate import Evaluation, evaluate, mean_elbo
 from pyro_vae.experiment import Experiment
+from pyro_vae.interrupt import StopRequests
 from pyro_vae.objectives import Objective, TrainingContext
 from pyro_vae.plots import save_curves, save_reconstructions, save_samples
 from pyro_vae.rundir import RunDir
+from pyro_vae.tensorboard import TensorBoardLog, check_tensorboard
+
+log = logging.getLogger("pyro_vae")
 
 VALID_BATCH = 1000
-REPORT_EVERY = 50  # steps between progress-bar updates (each one syncs with the device)
+REPORT_EVERY = 50  # steps between progress-bar updates
 
 
 def epoch_seed(seed: int, epoch: int) -> int:
     return seed * 1_000_003 + epoch
-
-
-def _diverged(epoch: int, step: int, run: RunDir) -> TrainingDivergedError:
-    saved = f"the checkpoint of epoch {epoch - 1} in {run.checkpoint} is intact" if epoch > 1 else "no epoch had finished"
-    return TrainingDivergedError(
-        f"the loss became NaN or infinite at epoch {epoch}, step {step}; {saved}. Lower train.lr "
-        "(e.g. --set train.lr=3e-4) or check the data, then run again."
-    )
 
 
 def make_optimizer(param_groups: list[dict[str, Any]], lr: float) -> torch.optim.Optimizer:
@@ -55,7 +62,7 @@ def make_optimizer(param_groups: list[dict[str, Any]], lr: float) -> torch.optim
         return torch.optim.Adam(param_groups, lr=lr)
 
 
-def train_step(objective: Objective, optimizer: torch.optim.Optimizer, x: torch.Tensor,
+def train_step(objective: Objective, optimizer: torch.optim.Optimizer | GuardedOptimizer, x: torch.Tensor,
                validate: bool = False) -> torch.Tensor:
     """One optimisation step of ``objective`` on ``x`` (the objective's own
     :meth:`~pyro_vae.objectives.Objective.step`); returns the detached loss.
@@ -64,92 +71,231 @@ def train_step(objective: Objective, optimizer: torch.optim.Optimizer, x: torch.
         return objective.step(x, optimizer)
 
 
-def _restore(objective: Objective, optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> list[dict]:
-    objective.model.load_state_dict(state["model"])
-    objective.guide.load_state_dict(state["guide"])
-    if state.get("objective"):
-        objective.load_own_state_dict(state["objective"])
-    optimizer.load_state_dict(state["optimizer"])
-    return list(state["history"])
+@dataclass
+class Progress:
+    """Where a run stands: finished epochs' history, and the current epoch's
+    steps taken, datapoints seen, metric sums and seconds so far."""
+
+    history: list[dict[str, Any]] = field(default_factory=list)
+    step_in_epoch: int = 0
+    datapoints: int = 0
+    sums: dict[str, torch.Tensor] = field(default_factory=dict)
+    seconds: float = 0.0
+    bad_steps: int = 0
+
+    @property
+    def epoch(self) -> int:
+        return len(self.history)
+
+    def add(self, metrics: dict[str, torch.Tensor], batch_size: int) -> None:
+        """Per-datapoint batch means -> sums over datapoints."""
+        for name, value in metrics.items():
+            self.sums[name] = self.sums.get(name, 0.0) + value * batch_size
+        self.datapoints += batch_size
+
+    def means(self) -> dict[str, float]:
+        return {f"train_{name}": value.item() / max(self.datapoints, 1) for name, value in self.sums.items()}
+
+    def finish_epoch(self, row: dict[str, Any]) -> None:
+        self.history.append(row)
+        self.step_in_epoch, self.datapoints, self.sums, self.seconds = 0, 0, {}, 0.0
 
 
-def fit(experiment: Experiment, run: RunDir, progress: bool = True, verbose: bool = True) -> list[dict[str, Any]]:
-    """Train up to ``config.train.epochs``, resuming from ``run``'s checkpoint.
-    ``progress`` shows a bar per epoch, ``verbose`` a line per finished epoch.
-    Returns the per-epoch history: the objective's metrics averaged over the
-    epoch's datapoints (``train_loss``, ``train_elbo``, ...), the valid ELBO
-    and the seconds taken."""
-    cfg = experiment.config.train
-    objective, device = experiment.objective, experiment.device
-    train = experiment.data["train"]
-    if cfg.limit:
-        train = train.head(cfg.limit)
-    valid = experiment.data["valid"]
-    objective.prepare(train.batch(slice(0, 2)))
-    optimizer = make_optimizer(objective.param_groups(), cfg.lr)
-    history: list[dict[str, Any]] = []
-    run.path.mkdir(parents=True, exist_ok=True)
-    if run.checkpoint.is_file():
-        history = _restore(objective, optimizer, load_checkpoint(run.checkpoint, map_location=device))
-    steps_per_epoch = train.num_batches(cfg.batch_size)
-    objective.context = TrainingContext(step=len(history) * steps_per_epoch, num_train=len(train),
-                                        steps_per_epoch=steps_per_epoch)
-    generator = torch.Generator(device=device)
+class Trainer:
+    """One ``train`` call on one run directory (see the module docstring)."""
 
-    for epoch in range(len(history) + 1, cfg.epochs + 1):
-        pyro.set_rng_seed(epoch_seed(cfg.seed, epoch))
-        generator.manual_seed(epoch_seed(cfg.seed, epoch))
-        objective.context.epoch = epoch
-        objective.train()
-        start = time.perf_counter()
-        sums: dict[str, torch.Tensor] = {}
-        bar = tqdm(
-            train.batches(cfg.batch_size, shuffle=True, generator=generator),
-            total=steps_per_epoch,
-            desc=f"epoch {epoch}/{cfg.epochs}",
-            disable=not progress,
-            leave=False,
-        )
-        for step, x in enumerate(bar, 1):
-            try:  # validated on each epoch's first step
-                train_step(objective, optimizer, x, validate=step == 1)
-            except ValueError as exc:  # Pyro's validation rejects NaN distribution parameters
-                if all(torch.isfinite(p).all() for p in objective.parameters()):
-                    raise
-                raise _diverged(epoch, step, run) from exc
-            objective.context.step += 1
-            for name, value in objective.metrics.items():  # per-datapoint means -> sums over datapoints
-                sums[name] = sums.get(name, 0.0) + value * x.shape[0]
-            if step % REPORT_EVERY == 0:
-                seen = min(step * cfg.batch_size, len(train))
-                running = {name: sums[name].item() / seen for name in ("loss", "elbo") if name in sums}
-                if not math.isfinite(running["loss"]):
-                    raise _diverged(epoch, step, run)
-                bar.set_postfix({name: f"{value:.2f}" for name, value in running.items()})
-        metrics = {f"train_{name}": value.item() / len(train) for name, value in sums.items()}
-        if not math.isfinite(metrics["train_loss"]):
-            raise _diverged(epoch, step, run)
-        objective.eval()
-        valid_elbo = mean_elbo(objective.model, objective.guide, valid.batches(VALID_BATCH))
-        history.append({"epoch": epoch, **metrics, "valid_elbo": valid_elbo,
-                        "seconds": time.perf_counter() - start})
+    def __init__(self, experiment: Experiment, run: RunDir, state: Optional[dict[str, Any]] = None,
+                 progress: bool = True, verbose: bool = True):
+        self.experiment, self.run, self.progress_bar, self.verbose = experiment, run, progress, verbose
+        self.cfg = cfg = experiment.config.train
+        self.objective = objective = experiment.objective
+        self.train_split = experiment.data["train"].head(cfg.limit) if cfg.limit else experiment.data["train"]
+        objective.prepare(self.train_split.batch(slice(0, 2)))
+        self.optimizer = make_optimizer(objective.param_groups(), cfg.lr)
+        self.guard = GuardedOptimizer(self.optimizer)
+        self.steps_per_epoch = self.train_split.num_batches(cfg.batch_size)
+        self.generator = torch.Generator(device=experiment.device)
+        self.state = Progress()
+        self.resume_rng: Optional[dict[str, Any]] = None
+        if state is not None:
+            self._restore(state)
+        objective.context = TrainingContext(
+            step=self.state.epoch * self.steps_per_epoch + self.state.step_in_epoch,
+            epoch=self.state.epoch + 1, num_train=len(self.train_split), steps_per_epoch=self.steps_per_epoch)
+        self.monitor = DivergenceMonitor(cfg.divergence_factor)
+        self.last_checkpoint = time.monotonic()
+
+    def _restore(self, state: dict[str, Any]) -> None:
+        exp, objective = self.experiment, self.objective
+        restore_weights(exp.model, exp.guide, state, exp.data.event_shape, self.run.checkpoint)
+        if state.get("objective"):
+            objective.load_own_state_dict(state["objective"])
+        lrs = [group["lr"] for group in self.optimizer.param_groups]
+        self.optimizer.load_state_dict(state["optimizer"])
+        for group, lr in zip(self.optimizer.param_groups, lrs):  # the learning rate may change on resume
+            group["lr"] = lr
+        self.state = Progress(history=list(state["history"]), step_in_epoch=state.get("step_in_epoch", 0),
+                              datapoints=state.get("datapoints", 0), sums=dict(state.get("sums", {})),
+                              seconds=state.get("seconds", 0.0), bad_steps=state.get("bad_steps", 0))
+        if self.state.step_in_epoch:
+            if state.get("device") == exp.device.type:
+                self.resume_rng = state
+            else:
+                log.warning("the checkpoint was written on %s and training goes on on %s: the run continues, "
+                            "but its random numbers no longer follow the uninterrupted path",
+                            state.get("device"), exp.device.type)
+
+    def checkpoint(self) -> None:
+        objective, s = self.objective, self.state
         save_checkpoint(
             {
                 "model": objective.model.state_dict(),
                 "guide": objective.guide.state_dict(),
                 "objective": objective.own_state_dict(),
-                "optimizer": optimizer.state_dict(),
-                "epoch": epoch,
-                "history": history,
+                "optimizer": self.optimizer.state_dict(),
+                "epoch": s.epoch,
+                "step_in_epoch": s.step_in_epoch,
+                "datapoints": s.datapoints,
+                "sums": s.sums,
+                "seconds": s.seconds,
+                "bad_steps": s.bad_steps,
+                "history": s.history,
+                "rng": rng_state(),
+                "generator": self.generator.get_state(),
+                "device": self.experiment.device.type,
+                "event_shape": list(self.experiment.data.event_shape),
             },
-            run.checkpoint,
+            self.run.checkpoint,
         )
-        run.write_metrics(history)
-        if verbose:
-            train_elbo = f"train ELBO {metrics['train_elbo']:9.3f}  " if "train_elbo" in metrics else ""
-            tqdm.write(f"epoch {epoch:>4}  loss {metrics['train_loss']:9.3f}  {train_elbo}"
-                       f"valid ELBO {valid_elbo:9.3f}  ({history[-1]['seconds']:.1f} s)")
-    return history
+        self.last_checkpoint = time.monotonic()
+
+    def _diverged(self, what: str, x: torch.Tensor) -> TrainingDivergedError:
+        s = self.state
+        where = f"epoch {s.epoch + 1}, step {s.step_in_epoch + 1}"
+        advice = f"Lower train.lr (e.g. --set train.lr={self.cfg.lr / 3:.3g}) and run the same command again"
+        if self.run.checkpoint.is_file():
+            saved = load_checkpoint(self.run.checkpoint)
+            return TrainingDivergedError(
+                f"{what} at {where}; the checkpoint of {describe(saved)} in {self.run.checkpoint} is intact. "
+                f"{advice}: it resumes from there (the learning rate may change on resume).")
+        return TrainingDivergedError(f"{what} at {where}, before the first checkpoint. {advice}.")
+
+    def _culprit(self, x: torch.Tensor) -> str:
+        model, guide = self.objective.model, self.objective.guide
+        return locate_non_finite(model, guide, x, {"model": model, "guide": guide})
+
+    def _check(self, loss: torch.Tensor, x: torch.Tensor) -> bool:
+        """Classify the step; True if it counts.  Raises on divergence."""
+        per_datapoint = loss.item() / x.shape[0]
+        verdict = self.monitor.classify(per_datapoint, self.guard.skipped)
+        if verdict == "exploded":
+            raise self._diverged(
+                f"the loss exploded to {per_datapoint:.4g} nats per datapoint against a running mean of "
+                f"{self.monitor.running_mean:.4g} (train.divergence_factor = {self.cfg.divergence_factor})", x)
+        if verdict == "bad":
+            culprit = self._culprit(x)
+            self.state.bad_steps += 1
+            if self.state.bad_steps > self.cfg.max_bad_steps:
+                raise self._diverged(f"the loss or its gradient became NaN or infinite ({culprit} is not "
+                                     f"finite; {self.state.bad_steps - 1} bad steps skipped of "
+                                     f"train.max_bad_steps = {self.cfg.max_bad_steps})", x)
+            log.warning("skipped a batch whose loss or gradient is not finite (%s) at epoch %d, step %d: "
+                        "%d of train.max_bad_steps = %d", culprit, self.state.epoch + 1,
+                        self.state.step_in_epoch + 1, self.state.bad_steps, self.cfg.max_bad_steps)
+            return False
+        return True
+
+    def _train_epoch(self, epoch: int, stop: StopRequests, board: Optional[TensorBoardLog]) -> None:
+        cfg, objective, s = self.cfg, self.objective, self.state
+        self.generator.manual_seed(epoch_seed(cfg.seed, epoch))
+        order = self.train_split.permutation(self.generator)
+        if self.resume_rng is not None:  # mid-epoch: continue the interrupted random streams
+            set_rng_state(self.resume_rng["rng"])
+            self.generator.set_state(self.resume_rng["generator"])
+            self.resume_rng = None
+        else:
+            pyro.set_rng_seed(epoch_seed(cfg.seed, epoch))
+        objective.context.epoch = epoch
+        objective.train()
+        bar = tqdm(total=self.steps_per_epoch, initial=s.step_in_epoch, desc=f"epoch {epoch}/{cfg.epochs}",
+                   disable=not self.progress_bar, leave=False)
+        start = time.perf_counter()
+        while s.step_in_epoch < self.steps_per_epoch:
+            i = s.step_in_epoch * cfg.batch_size
+            x = self.train_split.batch(order[i: i + cfg.batch_size], self.generator)
+            try:  # validated on each epoch's first step
+                loss = train_step(objective, self.guard, x, validate=s.step_in_epoch == 0)
+            except ValueError:  # Pyro's validation rejects NaN distribution parameters
+                if all(torch.isfinite(p).all() for p in objective.parameters()):
+                    raise
+                raise self._diverged(f"a parameter became NaN or infinite ({self._culprit(x)} is not finite)",
+                                     x) from None
+            if self._check(loss, x):
+                s.add(objective.metrics, x.shape[0])
+            s.step_in_epoch += 1
+            objective.context.step += 1
+            bar.update()
+            if s.step_in_epoch % REPORT_EVERY == 0:
+                bar.set_postfix({k.removeprefix("train_"): f"{v:.2f}" for k, v in s.means().items()
+                                 if k in ("train_loss", "train_elbo")})
+            if stop.received or (s.step_in_epoch < self.steps_per_epoch
+                                 and time.monotonic() - self.last_checkpoint >= 60 * cfg.checkpoint_minutes):
+                s.seconds += time.perf_counter() - start
+                start = time.perf_counter()
+                self.checkpoint()
+            if stop.received:
+                bar.close()
+                raise TrainingInterrupted(
+                    f"stopped by {stop.name} at epoch {epoch}, step {s.step_in_epoch} of {self.steps_per_epoch}; "
+                    f"checkpoint written to {self.run.checkpoint}. Run the same command again to resume.",
+                    stop.received)
+        bar.close()
+        if s.datapoints == 0:
+            raise self._diverged("every batch of the epoch was bad", x)
+        metrics = s.means()
+        objective.eval()
+        valid_elbo = mean_elbo(objective.model, objective.guide,
+                               self.experiment.data["valid"].batches(VALID_BATCH))
+        seconds = s.seconds + time.perf_counter() - start
+        s.finish_epoch({"epoch": epoch, **metrics, "valid_elbo": valid_elbo, "lr": cfg.lr, "seconds": seconds})
+        self.checkpoint()
+        self.run.write_metrics(s.history)
+        if board is not None:
+            board.scalars({k.replace("_", "/", 1): v for k, v in s.history[-1].items() if k not in ("epoch",)},
+                          objective.context.step)
+        if self.verbose:
+            row = s.history[-1]
+            train_elbo = f"train ELBO {row['train_elbo']:9.3f}  " if "train_elbo" in row else ""
+            tqdm.write(f"epoch {epoch:>4}  loss {row['train_loss']:9.3f}  {train_elbo}"
+                       f"valid ELBO {valid_elbo:9.3f}  ({seconds:.1f} s)", file=sys.stderr)
+
+    def fit(self, tensorboard: bool = False) -> list[dict[str, Any]]:
+        """Train up to ``train.epochs``; returns the per-epoch history."""
+        board = TensorBoardLog(self.run.path, self.objective.context.step) if tensorboard else None
+        try:
+            with StopRequests() as stop:
+                for epoch in range(self.state.epoch + 1, self.cfg.epochs + 1):
+                    self._train_epoch(epoch, stop, board)
+                if stop.received:  # arrived during the last epoch's validation or checkpoint
+                    raise TrainingInterrupted(
+                        f"stopped by {stop.name} after the last epoch; its checkpoint {self.run.checkpoint} is "
+                        f"complete. Run `pyro-vae evaluate {self.run.path}` to evaluate it.", stop.received)
+        finally:
+            if board is not None:
+                board.close()
+        return self.state.history
+
+
+def fit(experiment: Experiment, run: RunDir, state: Optional[dict[str, Any]] = None, progress: bool = True,
+        verbose: bool = True, tensorboard: bool = False) -> list[dict[str, Any]]:
+    """Train ``experiment`` up to ``train.epochs`` in ``run``, from the
+    checkpoint ``state`` if given.  ``progress`` shows a bar per epoch,
+    ``verbose`` a line per finished epoch.  Returns the per-epoch history:
+    the objective's metrics averaged over the epoch's datapoints
+    (``train_loss``, ``train_elbo``, ...), the valid ELBO, the learning rate
+    and the seconds taken."""
+    run.path.mkdir(parents=True, exist_ok=True)
+    return Trainer(experiment, run, state, progress, verbose).fit(tensorboard)
 
 
 def evaluate_run(experiment: Experiment, split: str, num_samples: int, chunk_size: int,
@@ -164,38 +310,53 @@ def evaluate_run(experiment: Experiment, split: str, num_samples: int, chunk_siz
         experiment.model, experiment.guide, data.batches(batch_size), num_samples,
         chunk_size=chunk_size, num_batches=data.num_batches(batch_size), progress=progress,
     )
-    result.extra.update(split=split, seconds=round(time.perf_counter() - start, 1))
+    result.extra.update(split=split, limit=limit, seconds=round(time.perf_counter() - start, 1))
     return result
 
 
+def record(run: RunDir, result: Evaluation, report: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+    """Write ``result`` into ``run`` (see :meth:`RunDir.record_evaluation`); returns its summary."""
+    return run.record_evaluation(result.summary(), {"elbo": result.elbo, "log_likelihood": result.log_likelihood,
+                                                    "khat": result.khat}, report)
+
+
 def train_and_evaluate(config: ExperimentConfig, run_dir: str | Path, overwrite: bool = False,
-                       progress: bool = True) -> dict[str, Any]:
+                       progress: bool = True, evaluate_after: bool = True,
+                       from_previous: bool = False) -> dict[str, Any]:
     """Train ``config`` in ``run_dir``, draw the pictures, evaluate on
-    ``config.eval.split``, and write ``report.json``.  Returns the report."""
+    ``config.eval.split`` (unless not ``evaluate_after``), and write
+    ``report.json``.  The config, data and device are checked before
+    anything is written.  Returns the report."""
     run = RunDir(run_dir)
-    run.prepare(config, overwrite=overwrite)
     experiment = Experiment.build(config)
+    tensorboard = check_tensorboard(config.train.tensorboard)
+    state = run.open_for_training(config, overwrite=overwrite, from_previous=from_previous,
+                                  map_location=experiment.device)
     start = time.perf_counter()
-    history = fit(experiment, run, progress=progress)
-    train_seconds = sum(row["seconds"] for row in history)
+    history = fit(experiment, run, state, progress=progress, tensorboard=tensorboard)
 
     ev = config.eval
-    event_shape = experiment.data.event_shape
-    save_samples(experiment.model, event_shape, run / "samples.png")
-    save_reconstructions(experiment.model, experiment.guide, experiment.data[ev.split].batch(slice(0, 32)),
-                         run / "reconstructions.png")
+    with run.atomic("samples.png") as path:
+        save_samples(experiment.model, experiment.data.event_shape, path)
+    with run.atomic("reconstructions.png") as path:
+        save_reconstructions(experiment.model, experiment.guide, experiment.data[ev.split].batch(slice(0, 32)), path)
     if history:
-        save_curves(history, run / "curves.png")
-    result = evaluate_run(experiment, ev.split, ev.iw_samples, ev.chunk_size, ev.batch_size, ev.limit, progress)
+        with run.atomic("curves.png") as path:
+            save_curves(history, path)
     report = {
         "run_dir": str(run.path),
         "epochs": len(history),
-        "train_seconds": round(train_seconds, 1),
-        "wall_seconds_this_call": round(time.perf_counter() - start, 1),
+        "train_seconds": round(sum(row["seconds"] for row in history), 1),
         "device": str(experiment.device),
         "final_train_elbo": history[-1].get("train_elbo") if history else None,
         "final_valid_elbo": history[-1]["valid_elbo"] if history else None,
-        "eval": result.summary(),
     }
-    run.write_json("report.json", report)
-    return report
+    if not evaluate_after:
+        report = run.read_report() | report
+        run.write_json("report.json", report)
+        return report
+    result = evaluate_run(experiment, ev.split, ev.iw_samples, ev.chunk_size, ev.batch_size, ev.limit, progress)
+    result.extra["epoch"] = len(history)
+    report["wall_seconds_this_call"] = round(time.perf_counter() - start, 1)
+    record(run, result, report)
+    return run.read_report()

@@ -32,7 +32,10 @@ def test_train_then_evaluate(tmp_path, capsys):
     assert {"elbo", "iw_nll", "kl", "psis_khat"} <= set(summary)
     assert summary["num_datapoints"] == 40 and summary["iw_samples"] == 30
     assert -summary["iw_nll"] >= summary["elbo"] - 1.0  # L_30 sits above the ELBO (up to noise)
-    assert json.loads((run / "eval_test.json").read_text()) == summary
+    assert json.loads((run / "eval_test_K30_first40.json").read_text()) == summary
+    report = json.loads((run / "report.json").read_text())
+    assert [e["file"] for e in report["evaluations"]] == ["eval_test_K20_first100.json", "eval_test_K30_first40.json"]
+    assert report["eval"] == summary and report["epochs"] == 2  # the training summary is kept
 
 
 def test_errors_are_one_line_messages(tmp_path, capsys):
@@ -42,7 +45,9 @@ def test_errors_are_one_line_messages(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("pyro-vae: error: unknown model 'mlpp'. Did you mean 'mlp'?")
     assert main(["evaluate", str(tmp_path / "nowhere")]) == 2
-    assert "not a run directory" in capsys.readouterr().err
+    assert "nowhere does not exist; train one with `pyro-vae train CONFIG" in capsys.readouterr().err
+    assert main(["evaluate", str(tmp_path)]) == 2
+    assert "is not a run directory: it has no config.toml" in capsys.readouterr().err
 
 
 def test_evaluate_takes_k_equal_one_and_refuses_bad_numbers(tmp_path, capsys):

@@ -48,8 +48,13 @@ def test_overrides_apply(tmp_path):
 @pytest.mark.parametrize(
     "section,key,value,message",
     [
-        ("train", "epoch", 3, r"train.epoch: unknown key"),
-        ("model", "hiden", [10], r"hiden: unknown option.*Options of 'mlp': latent_dim, hidden, activation"),
+        ("train", "epoch", 3, r"train.epoch: unknown key. Did you mean 'epochs'\? Keys of \[train\]: epochs, "
+                              r"batch_size, lr, device, seed, limit, checkpoint_minutes"),
+        ("eval", "samples", 3, r"eval.samples: unknown key. Did you mean 'iw_samples'\? Keys of \[eval\]: iw_samples"),
+        ("train", "batch_size", 0, r"train.batch_size: Input should be greater than or equal to 1"),
+        ("eval", "chunk_size", 0, r"eval.chunk_size: Input should be greater than or equal to 1"),
+        ("model", "hiden", [10], r"hiden: unknown option. Did you mean 'hidden'\?.*Options of 'mlp': latent_dim, "
+                                 r"hidden, activation"),
         ("model", "activation", "sigmoid", r"activation: Input should be 'tanh'"),
         ("train", "lr", "fast", r"train.lr: Input should be a valid number"),
         ("train", "lr", -1.0, r"train.lr: Input should be greater than 0"),
@@ -70,8 +75,8 @@ def test_missing_and_unknown_sections(tiny_raw):
     with pytest.raises(ConfigError, match=r"missing section \[guide\]"):
         config_from_dict(tiny_raw)
     tiny_raw["guide"] = {"name": "normal"}
-    tiny_raw["optimiser"] = {}
-    with pytest.raises(ConfigError, match="unknown section"):
+    tiny_raw["objectives"] = {}
+    with pytest.raises(ConfigError, match=r"unknown section \[objectives\]. Did you mean 'objective'\?"):
         config_from_dict(tiny_raw)
 
 
@@ -94,10 +99,19 @@ def test_user_parts_registered_through_imports(tiny_raw):
         config_from_dict(tiny_raw)
 
 
-def test_same_experiment_ignores_epochs_and_eval(tiny_raw):
+def test_the_experiment_is_the_parts_and_the_data_path_not_the_settings(tiny_raw):
+    """lr, epochs, device, checkpoint/divergence settings and evaluation may
+    change on resume; the parts, seed, batch size and limit may not."""
     a = config_from_dict(tiny_raw)
-    tiny_raw["train"]["epochs"] = 9
+    tiny_raw["train"].update(epochs=9, lr=0.1, device="auto", checkpoint_minutes=1, max_bad_steps=3)
     tiny_raw["eval"]["iw_samples"] = 7
-    assert a.same_experiment(config_from_dict(tiny_raw))
-    tiny_raw["train"]["lr"] = 0.1
-    assert not a.same_experiment(config_from_dict(tiny_raw))
+    b = config_from_dict(tiny_raw)
+    assert a.experiment_differences(b) == []
+    assert a.setting_changes(b) == [
+        "eval.iw_samples: 20 -> 7", "train.checkpoint_minutes: 10.0 -> 1.0", "train.device: 'cpu' -> 'auto'",
+        "train.epochs: 1 -> 9", "train.lr: 0.003 -> 0.1", "train.max_bad_steps: 0 -> 3"]
+    for key, value in (("seed", 1), ("batch_size", 50), ("limit", 10)):
+        changed = config_from_dict({**tiny_raw, "train": {**tiny_raw["train"], key: value}})
+        assert a.experiment_differences(changed) == [f"train.{key}: {getattr(a.train, key)!r} -> {value!r}"]
+    tiny_raw["guide"]["hidden"] = [32]
+    assert a.experiment_differences(config_from_dict(tiny_raw)) == ["guide.hidden: [64] -> [32]"]

@@ -48,13 +48,16 @@ class ImageSplit:
             return torch.bernoulli(x.div_(255.0), generator=generator)
         return x.div_(255.0) if self.gray else x
 
+    def permutation(self, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+        """A random order of the split's indices, drawn from ``generator``."""
+        return torch.randperm(len(self), device=self.device, generator=generator)
+
     def batches(
         self, batch_size: int, shuffle: bool = False, generator: Optional[torch.Generator] = None
     ) -> Iterator[torch.Tensor]:
         """Yield float batches covering the split once (the last may be smaller)."""
-        n = len(self)
-        order = torch.randperm(n, device=self.device, generator=generator) if shuffle else None
-        for start in range(0, n, batch_size):
+        order = self.permutation(generator) if shuffle else None
+        for start in range(0, len(self), batch_size):
             index = order[start : start + batch_size] if shuffle else slice(start, start + batch_size)
             yield self.batch(index, generator)
 

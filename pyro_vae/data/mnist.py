@@ -131,7 +131,7 @@ def read_idx(path: Path) -> np.ndarray:
     data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
     if data.size != int(np.prod(dims)):
         raise DataError(f"{path}: header says shape {tuple(dims)} but holds {data.size} bytes (truncated file?)")
-    return data.reshape(tuple(dims))
+    return data.reshape(tuple(dims)).copy()  # frombuffer is read-only
 
 
 def _find(directory: Path, stem: str) -> Path:
@@ -150,6 +150,9 @@ def load_idx_directory(directory: Path, num_valid: int = 10_000) -> Splits:
     test = (read_idx(_find(directory, "t10k-images-idx3-ubyte")), read_idx(_find(directory, "t10k-labels-idx1-ubyte")))
     if len(images) != len(labels) or len(test[0]) != len(test[1]):
         raise DataError(f"{directory}: image and label files disagree in length")
+    if len(images) <= num_valid:
+        raise DataError(f"{directory}: the training file holds {len(images)} images, but the last {num_valid} "
+                        "are the valid split; it needs more than that")
     cut = len(images) - num_valid
     return {"train": (images[:cut], labels[:cut]), "valid": (images[cut:], labels[cut:]), "test": test}
 

@@ -1,0 +1,93 @@
+"""Telling a training step that went wrong from one that did not.
+
+Two failures are watched, after every optimizer step:
+
+- a *non-finite* loss or gradient.  The gradients are checked before the
+  optimizer applies them (:class:`GuardedOptimizer`), so a bad batch changes
+  no parameter and can be skipped, up to ``max_bad_steps`` times in a run;
+- an *exploding* loss: with ``m`` the running mean of the per-datapoint loss
+  (an exponential average, decay 0.99), a step whose loss ``l`` satisfies
+  ``l > m + factor * max(|m|, 1)`` stops training, since a finite loss that
+  grows by orders of magnitude ends in garbage, not in a model.
+
+When training stops, :func:`locate_non_finite` names the culprit from a trace
+of the model and guide on the bad batch: the first sample site whose
+log-density is not finite, else the first parameter or gradient that is not.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional
+
+import pyro
+import torch
+
+from pyro_vae.traces import guide_and_model_traces, sample_sites
+
+
+class GuardedOptimizer:
+    """Wraps a :class:`torch.optim.Optimizer`; :meth:`step` applies the update
+    only when every gradient is finite, and records in :attr:`skipped` whether
+    it did not.  (One host sync a step: the check must finish before the update.)"""
+
+    def __init__(self, optimizer: torch.optim.Optimizer):
+        self.optimizer = optimizer
+        self.skipped = False
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.optimizer.zero_grad(set_to_none=set_to_none)
+
+    def step(self) -> None:
+        grads = [p.grad for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None]
+        self.skipped = bool(grads) and not bool(torch.stack(torch._foreach_norm(grads)).isfinite().all())
+        if not self.skipped:
+            self.optimizer.step()
+
+    @property
+    def param_groups(self) -> list[dict]:
+        return self.optimizer.param_groups
+
+
+class DivergenceMonitor:
+    """Classifies each step's per-datapoint loss: ``"ok"``, ``"bad"`` (not
+    finite, or its update was skipped) or ``"exploded"``.
+
+    :param factor: the explosion threshold (``None``: never).
+    :param decay: of the running mean.
+    """
+
+    def __init__(self, factor: Optional[float], decay: float = 0.99):
+        self.factor = factor
+        self.decay = decay
+        self.running_mean: Optional[float] = None
+
+    def classify(self, loss: float, update_skipped: bool) -> str:
+        if update_skipped or not math.isfinite(loss):
+            return "bad"
+        m = self.running_mean
+        if self.factor is not None and m is not None and loss > m + self.factor * max(abs(m), 1.0):
+            return "exploded"
+        self.running_mean = loss if m is None else self.decay * m + (1 - self.decay) * loss
+        return "ok"
+
+
+@torch.no_grad()
+def locate_non_finite(model: Callable, guide: Callable, x: torch.Tensor, modules: dict[str, torch.nn.Module]) -> str:
+    """Where the non-finite numbers are: ``"the log-density of the guide's
+    sample site 'z'"``, ``"parameter model.decoder.0.weight"``, ``"the
+    gradient of parameter ..."`` (or a statement that none was found)."""
+    for name, module in modules.items():
+        for pname, p in module.named_parameters():
+            if not torch.isfinite(p).all():
+                return f"parameter {name}.{pname} (it holds NaN or infinity)"
+    with pyro.validation_enabled(False):
+        guide_trace, model_trace = guide_and_model_traces(model, guide, x)
+    for owner, trace in (("guide", guide_trace), ("model", model_trace)):
+        for site_name, site in sample_sites(trace):
+            if not torch.isfinite(site["fn"].log_prob(site["value"])).all():
+                return f"the log-density of the {owner}'s sample site {site_name!r}"
+    for name, module in modules.items():
+        for pname, p in module.named_parameters():
+            if p.grad is not None and not torch.isfinite(p.grad).all():
+                return f"the gradient of parameter {name}.{pname}"
+    return "no site or parameter (the loss itself overflowed)"
