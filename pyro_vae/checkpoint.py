@@ -14,8 +14,9 @@ from __future__ import annotations
 import os
 import pickle
 import random
+import tempfile
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -36,11 +37,25 @@ def save_checkpoint(state: dict[str, Any], path: str | Path) -> None:
     ``checkpoint.prev.pt``, then rename the new one into place: a crash at any
     moment leaves at least one complete checkpoint."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(state, tmp)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+        if path.is_file():
+            os.replace(path, previous_of(path))
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+
+
+def discard_newest(path: str | Path) -> None:
+    """Set the newest checkpoint aside as ``checkpoint.pt.diverged`` and make
+    the previous one (if any) the newest again."""
+    path, previous = Path(path), previous_of(path)
     if path.is_file():
-        os.replace(path, previous_of(path))
-    os.replace(tmp, path)
+        os.replace(path, path.with_name(path.name + ".diverged"))
+    if previous.is_file():
+        os.replace(previous, path)
 
 
 def _read(path: Path, map_location) -> dict[str, Any]:
@@ -58,6 +73,15 @@ def _read(path: Path, map_location) -> dict[str, Any]:
     if missing:
         raise CheckpointError(f"{path} is not a pyro-vae checkpoint: it lacks {sorted(missing)}")
     return state
+
+
+def peek(path: str | Path) -> Optional[str]:
+    """Where the checkpoint at ``path`` stands, in words (``None`` if it does
+    not load), without moving any file."""
+    try:
+        return describe(_read(Path(path), "cpu"))
+    except CheckpointError:
+        return None
 
 
 def describe(state: dict[str, Any]) -> str:
@@ -118,11 +142,11 @@ def rng_state() -> dict[str, Any]:
 
 def set_rng_state(state: dict[str, Any]) -> None:
     """Restore what :func:`rng_state` captured."""
-    torch.set_rng_state(state["torch"].cpu())
+    torch.set_rng_state(state["torch"].cpu())  # (a checkpoint loaded onto CUDA moved these there)
     version, internal, gauss = state["random"]
     random.setstate((version, tuple(internal.tolist()), gauss))
     kind, keys, pos, has_gauss, cached = state["numpy"]
-    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
+    np.random.set_state((kind, keys.cpu().numpy().astype(np.uint32), pos, has_gauss, cached))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
 

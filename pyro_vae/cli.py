@@ -33,7 +33,7 @@ def _train(args: argparse.Namespace) -> None:
     report = train_and_evaluate(config, run_dir, overwrite=args.overwrite, progress=not args.quiet,
                                 evaluate_after=not args.no_eval, from_previous=args.from_previous_checkpoint)
     if args.no_eval:
-        print(json.dumps(report, indent=2))
+        print(json.dumps({k: v for k, v in report.items() if k not in ("eval", "evaluations")}, indent=2))
         return
     ev = report["eval"]
     print(json.dumps({k: v for k, v in report.items() if k not in ("eval", "evaluations")}
@@ -60,7 +60,7 @@ def positive_int(text: str) -> int:
 
 def _evaluate(args: argparse.Namespace) -> None:
     from pyro_vae.experiment import resolve_device
-    from pyro_vae.rundir import RunDir
+    from pyro_vae.rundir import RunDir, checkpoint_tag
     from pyro_vae.train import evaluate_run, record
 
     run = RunDir(args.run_dir)
@@ -76,7 +76,8 @@ def _evaluate(args: argparse.Namespace) -> None:
         limit=args.limit,
         progress=not args.quiet,
     )
-    result.extra.update(epoch=state["epoch"], step_in_epoch=state.get("step_in_epoch", 0))
+    result.extra.update(epoch=state["epoch"], step_in_epoch=state.get("step_in_epoch", 0),
+                        checkpoint=checkpoint_tag(state))
     print(json.dumps(record(run, result), indent=2))
 
 

@@ -2,8 +2,8 @@
 
 Two failures are watched, after every optimizer step:
 
-- a *non-finite* loss or gradient.  The gradients are checked before the
-  optimizer applies them (:class:`GuardedOptimizer`), so a bad batch changes
+- a *non-finite* loss or gradient.  Both are checked before the optimizer
+  applies the gradients (:class:`GuardedOptimizer`), so a bad batch changes
   no parameter and can be skipped, up to ``max_bad_steps`` times in a run;
 - an *exploding* loss: with ``m`` the running mean of the per-datapoint loss
   (an exponential average, decay 0.99), a step whose loss ``l`` satisfies
@@ -26,12 +26,16 @@ from pyro_vae.traces import guide_and_model_traces, sample_sites
 
 
 class GuardedOptimizer:
-    """Wraps a :class:`torch.optim.Optimizer`; :meth:`step` applies the update
-    only when every gradient is finite, and records in :attr:`skipped` whether
-    it did not.  (One host sync a step: the check must finish before the update.)"""
+    """Wraps a :class:`torch.optim.Optimizer` for one objective; :meth:`step`
+    applies the update only when the objective's last loss (its ``loss``
+    metric) and every gradient are finite, and records in :attr:`skipped`
+    whether it did not.  One host sync a step: the check must finish before
+    the update.  (The largest absolute gradient is tested, which, unlike a
+    2-norm, cannot overflow for finite gradients.)"""
 
-    def __init__(self, optimizer: torch.optim.Optimizer):
+    def __init__(self, optimizer: torch.optim.Optimizer, objective: torch.nn.Module):
         self.optimizer = optimizer
+        self.objective = objective
         self.skipped = False
 
     def zero_grad(self, set_to_none: bool = True) -> None:
@@ -39,7 +43,9 @@ class GuardedOptimizer:
 
     def step(self) -> None:
         grads = [p.grad for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None]
-        self.skipped = bool(grads) and not bool(torch.stack(torch._foreach_norm(grads)).isfinite().all())
+        largest = torch._foreach_norm(grads, float("inf")) if grads else []
+        checks = torch.stack([self.objective.metrics["loss"].float().reshape(()), *(n.float() for n in largest)])
+        self.skipped = not bool(checks.isfinite().all())
         if not self.skipped:
             self.optimizer.step()
 

@@ -3,13 +3,16 @@
 Inside :class:`StopRequests` the first such signal only records itself; the
 trainer sees it after the current step, writes a checkpoint and raises
 :class:`~pyro_vae.errors.TrainingInterrupted`.  A second signal stops at once
-(``KeyboardInterrupt``), for a user who cannot wait for the step to finish.
+(:class:`~pyro_vae.errors.TrainingInterrupted` raised from the handler), for
+a user who cannot wait for the step to finish.
 """
 from __future__ import annotations
 
 import signal
 import threading
 from typing import Optional
+
+from pyro_vae.errors import TrainingInterrupted
 
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
@@ -25,7 +28,8 @@ class StopRequests:
 
     def _handle(self, signum: int, frame) -> None:
         if self.received is not None:
-            raise KeyboardInterrupt
+            raise TrainingInterrupted(f"stopped at once by a second {signal.Signals(signum).name}, without a "
+                                      "checkpoint; the run resumes from its last checkpoint", signum)
         self.received = signum
 
     def __enter__(self) -> "StopRequests":

@@ -23,9 +23,16 @@ def package_versions() -> dict[str, Optional[str]]:
     return versions
 
 
-def git_commit(path: Path = Path(__file__).resolve().parent) -> Optional[str]:
-    """``HEAD``'s commit of the checkout holding ``path``, with ``+dirty``
-    when tracked files differ from it; ``None`` outside a git checkout."""
+SOURCE = Path(__file__).resolve().parents[1]
+
+
+def git_commit(path: Path = SOURCE) -> Optional[str]:
+    """``HEAD``'s commit of pyro-vae's source checkout (an editable install),
+    with ``+dirty`` when tracked files differ from it; ``None`` for an
+    installed package or outside a git checkout (never the commit of some
+    other repository the package happens to sit in)."""
+    if not (path / "setup.cfg").is_file() or not (path / ".git").exists():
+        return None
     try:
         def git(*args: str) -> str:
             return subprocess.run(["git", "-C", str(path), *args], capture_output=True, text=True,

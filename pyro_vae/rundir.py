@@ -13,7 +13,7 @@ and evaluations.
     RUN_DIR/reconstructions.png  test digits (left of each pair) beside their reconstructions (right)
     RUN_DIR/curves.png           ELBO per epoch
     RUN_DIR/report.json          training summary, the latest evaluation, and every evaluation so far
-    RUN_DIR/eval_<split>_K<K>[_first<N>].json   one evaluation's figures (+ per-datapoint .npz)
+    RUN_DIR/eval_<split>_K<K>[_first<N>]_epoch<E>[_step<S>].json   one evaluation (+ per-datapoint .npz)
 
 Every file is written to a temporary name and renamed into place: an
 interrupted write never leaves half a file, and a symbolic link planted in
@@ -27,6 +27,7 @@ import json
 import logging
 import os
 import shutil
+import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator, Optional
@@ -34,7 +35,7 @@ from typing import Any, Iterator, Optional
 import numpy as np
 import torch
 
-from pyro_vae.checkpoint import CHECKPOINT, PREVIOUS, describe, load_checkpoint, restore_weights
+from pyro_vae.checkpoint import CHECKPOINT, PREVIOUS, describe, load_checkpoint, peek, restore_weights
 from pyro_vae.config import ExperimentConfig, load_config, save_config
 from pyro_vae.errors import CheckpointError, ConfigError
 from pyro_vae.experiment import Experiment
@@ -43,10 +44,17 @@ from pyro_vae.provenance import environment
 log = logging.getLogger("pyro_vae")
 
 
-def eval_name(split: str, num_samples: int, limit: Optional[int]) -> str:
-    """``eval_test_K5000`` or ``eval_test_K100_first500``: an evaluation's
-    file name says its settings, so none overwrites another."""
-    return f"eval_{split}_K{num_samples}" + (f"_first{limit}" if limit else "")
+def eval_name(split: str, num_samples: int, limit: Optional[int], checkpoint: str) -> str:
+    """``eval_test_K5000_epoch10`` or ``eval_test_K100_first500_epoch3_step120``:
+    an evaluation's file name says its settings and the checkpoint it
+    evaluated, so none overwrites another."""
+    return f"eval_{split}_K{num_samples}" + (f"_first{limit}" if limit else "") + f"_{checkpoint}"
+
+
+def checkpoint_tag(state: dict[str, Any]) -> str:
+    """``epoch10`` (the end of epoch 10) or ``epoch3_step120`` (inside epoch 3)."""
+    step = state.get("step_in_epoch", 0)
+    return f"epoch{state['epoch'] + 1}_step{step}" if step else f"epoch{state['epoch']}"
 
 
 class RunDir:
@@ -66,59 +74,69 @@ class RunDir:
 
     @contextlib.contextmanager
     def atomic(self, name: str) -> Iterator[Path]:
-        """A temporary path (same suffix) to write ``name`` to; renamed over
-        ``RUN_DIR/name`` when the block succeeds."""
+        """A fresh temporary path (same suffix, unpredictable name) to write
+        ``name`` to; renamed over ``RUN_DIR/name`` when the block succeeds."""
         target = self.path / name
-        tmp = target.with_name(f".{target.stem}.{os.getpid()}.tmp{target.suffix}")
+        fd, tmp = tempfile.mkstemp(dir=self.path, prefix=f".{target.stem}.", suffix=f".tmp{target.suffix}")
+        os.close(fd)
         try:
-            yield tmp
+            yield Path(tmp)
             os.replace(tmp, target)
         finally:
-            tmp.unlink(missing_ok=True)
+            Path(tmp).unlink(missing_ok=True)
 
     def _has_checkpoint(self) -> bool:
         return self.checkpoint.is_file() or (self.path / PREVIOUS).is_file()
 
     def _remove(self) -> None:
-        """``--overwrite``: delete the directory, saying what goes."""
+        """``--overwrite``: delete the run directory, saying what goes.  A
+        directory that is not a run directory is refused."""
         what = sorted(p.name for p in self.path.iterdir())
+        if what and not (self.config_file.is_file() or self._has_checkpoint()):
+            raise ConfigError(f"--overwrite deletes run directories only, and {self.path} is not one (it has no "
+                              "config.toml or checkpoint); choose another --run-dir")
+        held = ""
         if self._has_checkpoint():
-            try:
-                what.insert(0, f"a checkpoint at {describe(load_checkpoint(self.checkpoint))}")
-            except CheckpointError:
-                what.insert(0, "a checkpoint that does not load")
-        log.warning("--overwrite: removing %s (%s)", self.path, ", ".join(what) or "empty")
+            where = peek(self.checkpoint if self.checkpoint.is_file() else self.path / PREVIOUS)
+            held = f"its checkpoint at {where}; " if where else "a checkpoint that does not load; "
+        log.warning("--overwrite: removing %s (%sfiles: %s)", self.path, held, ", ".join(what) or "none")
         shutil.rmtree(self.path)
 
-    def open_for_training(self, config: ExperimentConfig, overwrite: bool = False, from_previous: bool = False,
-                          map_location: str | torch.device = "cpu") -> Optional[dict[str, Any]]:
-        """Make the directory ready for ``config`` and return the checkpoint
-        to resume from (``None``: start afresh).  Refused, with nothing
-        written: a directory holding another experiment (unless
-        ``overwrite``), and fewer ``train.epochs`` than the checkpoint has
-        finished.  Settings that may change on resume are logged as changes
-        and recorded, with the environment, in ``sessions.jsonl``."""
+    def resume_state(self, config: ExperimentConfig, overwrite: bool = False, from_previous: bool = False,
+                     map_location: str | torch.device = "cpu") -> Optional[dict[str, Any]]:
+        """The checkpoint to resume ``config`` from (``None``: start afresh),
+        after deleting the directory first if ``overwrite``.  Refused, with
+        nothing written: a directory holding another experiment, and fewer
+        ``train.epochs`` than the checkpoint has reached."""
         if self.path.exists() and not self.path.is_dir():
             raise ConfigError(f"--run-dir {self.path} is a file, not a directory")
         if overwrite and self.path.exists():
             self._remove()
-        previous = load_config(self.config_file) if self.config_file.is_file() else None
-        if previous is not None:
-            differences = previous.experiment_differences(config)
+        if self.config_file.is_file():
+            differences = load_config(self.config_file).experiment_differences(config)
             if differences:
                 raise ConfigError(
                     f"{self.path} holds a different experiment ({'; '.join(differences)}). Choose another "
                     "--run-dir, or pass --overwrite to delete it and its checkpoint.")
-        state = None
-        if self._has_checkpoint():
-            state = load_checkpoint(self.checkpoint, map_location=map_location, from_previous=from_previous)
-            if state["epoch"] > config.train.epochs:
-                raise ConfigError(
-                    f"{self.path} has {state['epoch']} finished epochs but train.epochs = {config.train.epochs}; "
-                    f"set train.epochs to at least {state['epoch']} to train further, or run "
-                    f"`pyro-vae evaluate {self.path}` to evaluate it as it is.")
-            log.info("resuming %s from %s", self.path, describe(state))
+        if not self._has_checkpoint():
+            return None
+        state = load_checkpoint(self.checkpoint, map_location=map_location, from_previous=from_previous)
+        reached = state["epoch"] + (1 if state.get("step_in_epoch") else 0)
+        if reached > config.train.epochs:
+            raise ConfigError(
+                f"{self.path} has a checkpoint at {describe(state)} but train.epochs = {config.train.epochs}; "
+                f"set train.epochs to at least {reached} to train further, or run "
+                f"`pyro-vae evaluate {self.path}` to evaluate it as it is.")
+        return state
+
+    def start_session(self, config: ExperimentConfig, state: Optional[dict[str, Any]]) -> None:
+        """Write the resolved ``config`` and append this ``train`` call to
+        ``sessions.jsonl``: its settings, what changed since the checkpoint's
+        session (each change is also logged), and the environment."""
+        previous = load_config(self.config_file) if self.config_file.is_file() else None
         changes = previous.setting_changes(config) if previous is not None and state is not None else []
+        if state is not None:
+            log.info("resuming %s from %s", self.path, describe(state))
         for change in changes:
             log.info("changed on resume: %s", change)
         self.path.mkdir(parents=True, exist_ok=True)
@@ -132,9 +150,10 @@ class RunDir:
             "eval": config.eval.model_dump(),
             **environment(),
         }
-        with open(self.path / "sessions.jsonl", "a") as f:
-            f.write(json.dumps(session) + "\n")
-        return state
+        sessions = self.path / "sessions.jsonl"
+        earlier = sessions.read_text() if sessions.is_file() and not sessions.is_symlink() else ""
+        with self.atomic("sessions.jsonl") as tmp:
+            tmp.write_text(earlier + json.dumps(session) + "\n")
 
     def load_config(self) -> ExperimentConfig:
         if not self.path.exists():
@@ -179,8 +198,7 @@ class RunDir:
         """Write ``eval_<settings>.json`` and ``.npz``, and append the summary
         to ``report.json``'s ``evaluations`` (``report``: fields to update
         besides).  Returns the summary as written (with its file name and time)."""
-        stem = eval_name(summary["split"], summary["iw_samples"],
-                         summary["num_datapoints"] if summary.get("limit") else None)
+        stem = eval_name(summary["split"], summary["iw_samples"], summary.get("limit"), summary["checkpoint"])
         summary = {**summary, "file": f"{stem}.json",
                    "evaluated": datetime.now(timezone.utc).isoformat(timespec="seconds")}
         self.write_json(f"{stem}.json", summary)

@@ -1,7 +1,7 @@
 """Training metrics as TensorBoard event files in ``RUN_DIR/tensorboard``
 (the optional ``tensorboard`` extra), so ``tensorboard --logdir runs``
 compares runs.  Scalars are logged against the optimizer step; a resumed run
-purges events past its checkpoint's step, so a killed run leaves no
+purges events after its checkpoint's step, so a killed run leaves no
 duplicate curve."""
 from __future__ import annotations
 
@@ -36,7 +36,12 @@ class TensorBoardLog:
     def __init__(self, run_path: Path, step: int):
         from torch.utils.tensorboard import SummaryWriter
 
-        self.writer = SummaryWriter(log_dir=str(run_path / "tensorboard"), purge_step=step or None)
+        log_dir = run_path / "tensorboard"
+        if log_dir.is_symlink():
+            raise ConfigError(f"{log_dir} is a symbolic link; pyro-vae writes only inside the run directory. "
+                              "Remove the link.")
+        # events at steps above the checkpoint's belong to the interrupted run, and are dropped
+        self.writer = SummaryWriter(log_dir=str(log_dir), purge_step=step + 1 if step else None)
 
     def scalars(self, values: dict[str, float], step: int) -> None:
         for name, value in values.items():

@@ -19,6 +19,7 @@ mean (``train.divergence_factor``); the last checkpoint stays intact.
 from __future__ import annotations
 
 import logging
+import math
 import sys
 import time
 from dataclasses import dataclass, field
@@ -29,16 +30,16 @@ import pyro
 import torch
 from tqdm.auto import tqdm
 
-from pyro_vae.checkpoint import describe, load_checkpoint, restore_weights, rng_state, save_checkpoint, set_rng_state
+from pyro_vae.checkpoint import describe, discard_newest, load_checkpoint, restore_weights, rng_state, save_checkpoint, set_rng_state
 from pyro_vae.config import ExperimentConfig
 from pyro_vae.divergence import DivergenceMonitor, GuardedOptimizer, locate_non_finite
-from pyro_vae.errors import TrainingDivergedError, TrainingInterrupted
+from pyro_vae.errors import CheckpointError, TrainingDivergedError, TrainingInterrupted
 from pyro_vae.evaluate import Evaluation, evaluate, mean_elbo
 from pyro_vae.experiment import Experiment
 from pyro_vae.interrupt import StopRequests
 from pyro_vae.objectives import Objective, TrainingContext
 from pyro_vae.plots import save_curves, save_reconstructions, save_samples
-from pyro_vae.rundir import RunDir
+from pyro_vae.rundir import RunDir, checkpoint_tag
 from pyro_vae.tensorboard import TensorBoardLog, check_tensorboard
 
 log = logging.getLogger("pyro_vae")
@@ -112,7 +113,8 @@ class Trainer:
         self.train_split = experiment.data["train"].head(cfg.limit) if cfg.limit else experiment.data["train"]
         objective.prepare(self.train_split.batch(slice(0, 2)))
         self.optimizer = make_optimizer(objective.param_groups(), cfg.lr)
-        self.guard = GuardedOptimizer(self.optimizer)
+        self.guard = GuardedOptimizer(self.optimizer, objective)
+        self.monitor = DivergenceMonitor(cfg.divergence_factor)
         self.steps_per_epoch = self.train_split.num_batches(cfg.batch_size)
         self.generator = torch.Generator(device=experiment.device)
         self.state = Progress()
@@ -122,28 +124,37 @@ class Trainer:
         objective.context = TrainingContext(
             step=self.state.epoch * self.steps_per_epoch + self.state.step_in_epoch,
             epoch=self.state.epoch + 1, num_train=len(self.train_split), steps_per_epoch=self.steps_per_epoch)
-        self.monitor = DivergenceMonitor(cfg.divergence_factor)
         self.last_checkpoint = time.monotonic()
+        self.last_checkpoint_step: Optional[int] = None  # context.step of this call's newest checkpoint
 
     def _restore(self, state: dict[str, Any]) -> None:
         exp, objective = self.experiment, self.objective
         restore_weights(exp.model, exp.guide, state, exp.data.event_shape, self.run.checkpoint)
         if state.get("objective"):
-            objective.load_own_state_dict(state["objective"])
+            try:
+                objective.load_own_state_dict(state["objective"])
+            except RuntimeError as exc:
+                raise CheckpointError(f"{self.run.checkpoint}: {exc}; was the objective's code changed?") from None
         lrs = [group["lr"] for group in self.optimizer.param_groups]
-        self.optimizer.load_state_dict(state["optimizer"])
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+        except (ValueError, KeyError) as exc:
+            raise CheckpointError(f"{self.run.checkpoint}: the optimizer state does not fit the parameters "
+                                  f"({exc}); was a part's code changed?") from None
         for group, lr in zip(self.optimizer.param_groups, lrs):  # the learning rate may change on resume
             group["lr"] = lr
         self.state = Progress(history=list(state["history"]), step_in_epoch=state.get("step_in_epoch", 0),
                               datapoints=state.get("datapoints", 0), sums=dict(state.get("sums", {})),
                               seconds=state.get("seconds", 0.0), bad_steps=state.get("bad_steps", 0))
+        self.monitor.running_mean = state.get("divergence_mean")
         if self.state.step_in_epoch:
             if state.get("device") == exp.device.type:
                 self.resume_rng = state
             else:
-                log.warning("the checkpoint was written on %s and training goes on on %s: the run continues, "
-                            "but its random numbers no longer follow the uninterrupted path",
-                            state.get("device"), exp.device.type)
+                log.warning("the checkpoint was written on %s and training goes on on %s: the rest of epoch %d "
+                            "is shuffled afresh (some of its images are seen twice, others not at all) and the "
+                            "run no longer follows the uninterrupted path", state.get("device"), exp.device.type,
+                            self.state.epoch + 1)
 
     def checkpoint(self) -> None:
         objective, s = self.objective, self.state
@@ -159,6 +170,7 @@ class Trainer:
                 "sums": s.sums,
                 "seconds": s.seconds,
                 "bad_steps": s.bad_steps,
+                "divergence_mean": self.monitor.running_mean,
                 "history": s.history,
                 "rng": rng_state(),
                 "generator": self.generator.get_state(),
@@ -168,11 +180,18 @@ class Trainer:
             self.run.checkpoint,
         )
         self.last_checkpoint = time.monotonic()
+        self.last_checkpoint_step = objective.context.step
 
-    def _diverged(self, what: str, x: torch.Tensor) -> TrainingDivergedError:
+    def _diverged(self, what: str) -> TrainingDivergedError:
+        """The error to stop with.  A checkpoint written right after the
+        previous step holds the parameters this step's loss has just shown to
+        be bad: it is set aside and the one before it becomes the newest."""
         s = self.state
-        where = f"epoch {s.epoch + 1}, step {s.step_in_epoch + 1}"
+        where = (f"the end of epoch {s.epoch + 1}" if s.step_in_epoch >= self.steps_per_epoch
+                 else f"epoch {s.epoch + 1}, step {s.step_in_epoch + 1}")
         advice = f"Lower train.lr (e.g. --set train.lr={self.cfg.lr / 3:.3g}) and run the same command again"
+        if self.last_checkpoint_step == self.objective.context.step:
+            discard_newest(self.run.checkpoint)
         if self.run.checkpoint.is_file():
             saved = load_checkpoint(self.run.checkpoint)
             return TrainingDivergedError(
@@ -184,26 +203,40 @@ class Trainer:
         model, guide = self.objective.model, self.objective.guide
         return locate_non_finite(model, guide, x, {"model": model, "guide": guide})
 
-    def _check(self, loss: torch.Tensor, x: torch.Tensor) -> bool:
-        """Classify the step; True if it counts.  Raises on divergence."""
-        per_datapoint = loss.item() / x.shape[0]
-        verdict = self.monitor.classify(per_datapoint, self.guard.skipped)
+    def step(self, x: torch.Tensor) -> None:
+        """One optimizer step on the batch ``x`` (Pyro's validation on an
+        epoch's first step), checked for divergence, its metrics added to the
+        epoch's sums.  A skipped bad batch also leaves the objective's own
+        state (running baselines) as it was, when ``max_bad_steps`` allows skips."""
+        objective, s, cfg = self.objective, self.state, self.cfg
+        own_state = {k: v.clone() for k, v in objective.own_state_dict().items()} if cfg.max_bad_steps else None
+        try:
+            loss = train_step(objective, self.guard, x, validate=s.step_in_epoch == 0)
+            per_datapoint, skipped = loss.item() / x.shape[0], self.guard.skipped
+        except ValueError as exc:  # Pyro's validation found NaN distribution parameters: no update was made
+            if "invalid values" not in str(exc):
+                raise
+            per_datapoint, skipped = math.nan, True
+        verdict = self.monitor.classify(per_datapoint, skipped)
         if verdict == "exploded":
             raise self._diverged(
                 f"the loss exploded to {per_datapoint:.4g} nats per datapoint against a running mean of "
-                f"{self.monitor.running_mean:.4g} (train.divergence_factor = {self.cfg.divergence_factor})", x)
+                f"{self.monitor.running_mean:.4g} (train.divergence_factor = {cfg.divergence_factor})")
         if verdict == "bad":
             culprit = self._culprit(x)
-            self.state.bad_steps += 1
-            if self.state.bad_steps > self.cfg.max_bad_steps:
-                raise self._diverged(f"the loss or its gradient became NaN or infinite ({culprit} is not "
-                                     f"finite; {self.state.bad_steps - 1} bad steps skipped of "
-                                     f"train.max_bad_steps = {self.cfg.max_bad_steps})", x)
-            log.warning("skipped a batch whose loss or gradient is not finite (%s) at epoch %d, step %d: "
-                        "%d of train.max_bad_steps = %d", culprit, self.state.epoch + 1,
-                        self.state.step_in_epoch + 1, self.state.bad_steps, self.cfg.max_bad_steps)
-            return False
-        return True
+            s.bad_steps += 1
+            if s.bad_steps > cfg.max_bad_steps:
+                raise self._diverged(f"the loss or its gradient became NaN or infinite ({culprit} is not finite; "
+                                     f"{s.bad_steps - 1} bad steps skipped of train.max_bad_steps = "
+                                     f"{cfg.max_bad_steps})")
+            objective.load_own_state_dict(own_state)
+            log.warning("skipped a batch whose loss or gradient is not finite (%s) at epoch %d, step %d "
+                        "(%d of train.max_bad_steps = %d)", culprit, s.epoch + 1, s.step_in_epoch + 1,
+                        s.bad_steps, cfg.max_bad_steps)
+        else:
+            s.add(objective.metrics, x.shape[0])
+        s.step_in_epoch += 1
+        objective.context.step += 1
 
     def _train_epoch(self, epoch: int, stop: StopRequests, board: Optional[TensorBoardLog]) -> None:
         cfg, objective, s = self.cfg, self.objective, self.state
@@ -222,18 +255,7 @@ class Trainer:
         start = time.perf_counter()
         while s.step_in_epoch < self.steps_per_epoch:
             i = s.step_in_epoch * cfg.batch_size
-            x = self.train_split.batch(order[i: i + cfg.batch_size], self.generator)
-            try:  # validated on each epoch's first step
-                loss = train_step(objective, self.guard, x, validate=s.step_in_epoch == 0)
-            except ValueError:  # Pyro's validation rejects NaN distribution parameters
-                if all(torch.isfinite(p).all() for p in objective.parameters()):
-                    raise
-                raise self._diverged(f"a parameter became NaN or infinite ({self._culprit(x)} is not finite)",
-                                     x) from None
-            if self._check(loss, x):
-                s.add(objective.metrics, x.shape[0])
-            s.step_in_epoch += 1
-            objective.context.step += 1
+            self.step(self.train_split.batch(order[i: i + cfg.batch_size], self.generator))
             bar.update()
             if s.step_in_epoch % REPORT_EVERY == 0:
                 bar.set_postfix({k.removeprefix("train_"): f"{v:.2f}" for k, v in s.means().items()
@@ -251,11 +273,13 @@ class Trainer:
                     stop.received)
         bar.close()
         if s.datapoints == 0:
-            raise self._diverged("every batch of the epoch was bad", x)
+            raise self._diverged("every batch of the epoch was bad")
         metrics = s.means()
         objective.eval()
         valid_elbo = mean_elbo(objective.model, objective.guide,
                                self.experiment.data["valid"].batches(VALID_BATCH))
+        if not math.isfinite(valid_elbo):
+            raise self._diverged(f"the valid ELBO became {valid_elbo}")
         seconds = s.seconds + time.perf_counter() - start
         s.finish_epoch({"epoch": epoch, **metrics, "valid_elbo": valid_elbo, "lr": cfg.lr, "seconds": seconds})
         self.checkpoint()
@@ -271,6 +295,8 @@ class Trainer:
 
     def fit(self, tensorboard: bool = False) -> list[dict[str, Any]]:
         """Train up to ``train.epochs``; returns the per-epoch history."""
+        if self.state.history:  # a kill between the checkpoint and metrics.csv left the file a row short
+            self.run.write_metrics(self.state.history)
         board = TensorBoardLog(self.run.path, self.objective.context.step) if tensorboard else None
         try:
             with StopRequests() as stop:
@@ -288,23 +314,28 @@ class Trainer:
 
 def fit(experiment: Experiment, run: RunDir, state: Optional[dict[str, Any]] = None, progress: bool = True,
         verbose: bool = True, tensorboard: bool = False) -> list[dict[str, Any]]:
-    """Train ``experiment`` up to ``train.epochs`` in ``run``, from the
-    checkpoint ``state`` if given.  ``progress`` shows a bar per epoch,
-    ``verbose`` a line per finished epoch.  Returns the per-epoch history:
-    the objective's metrics averaged over the epoch's datapoints
-    (``train_loss``, ``train_elbo``, ...), the valid ELBO, the learning rate
-    and the seconds taken."""
+    """Train ``experiment`` up to ``train.epochs`` in ``run``, resuming from
+    the checkpoint ``state`` (default: the run's checkpoint, if it has one).
+    ``progress`` shows a bar per epoch, ``verbose`` a line per finished
+    epoch.  Returns the per-epoch history: the objective's metrics averaged
+    over the epoch's datapoints (``train_loss``, ``train_elbo``, ...), the
+    valid ELBO, the learning rate and the seconds taken."""
     run.path.mkdir(parents=True, exist_ok=True)
+    if state is None and run.checkpoint.is_file():
+        state = load_checkpoint(run.checkpoint, map_location=experiment.device)
     return Trainer(experiment, run, state, progress, verbose).fit(tensorboard)
 
 
 def evaluate_run(experiment: Experiment, split: str, num_samples: int, chunk_size: int,
                  batch_size: int, limit: int | None, progress: bool = True) -> Evaluation:
     """Evaluate the experiment's model/guide on (the first ``limit`` datapoints
-    of) one split, timing it."""
+    of) one split, timing it.  The result's ``limit`` is ``None`` when the
+    whole split was evaluated."""
     data = experiment.data[split]
-    if limit:
+    if limit and limit < len(data):
         data = data.head(limit)
+    else:
+        limit = None  # the whole split
     start = time.perf_counter()
     result = evaluate(
         experiment.model, experiment.guide, data.batches(batch_size), num_samples,
@@ -330,10 +361,11 @@ def train_and_evaluate(config: ExperimentConfig, run_dir: str | Path, overwrite:
     run = RunDir(run_dir)
     experiment = Experiment.build(config)
     tensorboard = check_tensorboard(config.train.tensorboard)
-    state = run.open_for_training(config, overwrite=overwrite, from_previous=from_previous,
-                                  map_location=experiment.device)
+    state = run.resume_state(config, overwrite=overwrite, from_previous=from_previous, map_location=experiment.device)
+    trainer = Trainer(experiment, run, state, progress)  # restores the checkpoint: a misfit is refused here
+    run.start_session(config, state)
     start = time.perf_counter()
-    history = fit(experiment, run, state, progress=progress, tensorboard=tensorboard)
+    history = trainer.fit(tensorboard)
 
     ev = config.eval
     with run.atomic("samples.png") as path:
@@ -356,7 +388,7 @@ def train_and_evaluate(config: ExperimentConfig, run_dir: str | Path, overwrite:
         run.write_json("report.json", report)
         return report
     result = evaluate_run(experiment, ev.split, ev.iw_samples, ev.chunk_size, ev.batch_size, ev.limit, progress)
-    result.extra["epoch"] = len(history)
+    result.extra.update(epoch=len(history), checkpoint=checkpoint_tag({"epoch": len(history)}))
     report["wall_seconds_this_call"] = round(time.perf_counter() - start, 1)
     record(run, result, report)
     return run.read_report()

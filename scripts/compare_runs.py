@@ -3,8 +3,8 @@
 For each run directory (after ``pyro-vae train``), reads ``metrics.csv`` and
 ``report.json`` and reports the steps and training time, the final and the
 highest training ELBO (the one-sample ELBO averaged over an epoch's
-minibatches), the final valid ELBO, and the final evaluation (ELBO, IS NLL
-and PSIS k-hat on the evaluated split); the curves are the training ELBO per
+minibatches), the final valid ELBO, and the headline evaluation (ELBO, IS NLL
+and PSIS k-hat; see :func:`headline_evaluation`); the curves are the training ELBO per
 optimizer step, one line per run::
 
     python scripts/compare_runs.py runs/mnist_sbn_linear_score runs/mnist_sbn_linear_nvil runs/mnist_sbn_linear \\
@@ -39,9 +39,19 @@ def summarise(run: RunDir) -> dict:
         "final_train_elbo": train[-1],
         "best_train_elbo": max(train),
         "valid_elbo": float(history[-1]["valid_elbo"]),
-        "eval": report["eval"],
+        "eval": headline_evaluation(report),
         "curve": ([(i + 1) * steps_per_epoch for i in range(len(train))], train),
     }
+
+
+def headline_evaluation(report: dict) -> dict:
+    """The run's evaluation to compare: of the latest checkpoint's
+    evaluations over a whole split, the test split's with the largest K
+    (reports written before evaluations were kept have only ``eval``)."""
+    evaluations = report.get("evaluations") or [report["eval"]]
+    latest = max(e.get("epoch", 0) for e in evaluations)
+    whole = [e for e in evaluations if not e.get("limit") and e.get("epoch", 0) == latest] or evaluations
+    return max(whole, key=lambda e: (e["split"] == "test", e["iw_samples"], e.get("evaluated", "")))
 
 
 def table(rows: list[dict], labels: list[str]) -> str:

@@ -32,9 +32,10 @@ def test_train_then_evaluate(tmp_path, capsys):
     assert {"elbo", "iw_nll", "kl", "psis_khat"} <= set(summary)
     assert summary["num_datapoints"] == 40 and summary["iw_samples"] == 30
     assert -summary["iw_nll"] >= summary["elbo"] - 1.0  # L_30 sits above the ELBO (up to noise)
-    assert json.loads((run / "eval_test_K30_first40.json").read_text()) == summary
+    assert json.loads((run / "eval_test_K30_first40_epoch2.json").read_text()) == summary
     report = json.loads((run / "report.json").read_text())
-    assert [e["file"] for e in report["evaluations"]] == ["eval_test_K20_first100.json", "eval_test_K30_first40.json"]
+    assert [e["file"] for e in report["evaluations"]] == ["eval_test_K20_first100_epoch2.json",
+                                                          "eval_test_K30_first40_epoch2.json"]
     assert report["eval"] == summary and report["epochs"] == 2  # the training summary is kept
 
 

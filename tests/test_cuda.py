@@ -42,3 +42,44 @@ def test_binary_latent_estimators_train_on_cuda(objective, tiny_raw, tmp_path):
     history = fit(experiment, RunDir(tmp_path), progress=False)
     assert all(p.is_cuda for p in experiment.objective.parameters())
     assert math.isfinite(history[-1]["train_elbo"]) and math.isfinite(history[-1]["valid_elbo"])
+
+
+@requires_cuda
+def test_a_mid_epoch_checkpoint_written_on_cuda_resumes_on_cuda_and_on_the_cpu(tiny_raw, tmp_path, monkeypatch):
+    """The RNG states travel through a checkpoint loaded onto the GPU; a
+    resume follows the uninterrupted run (up to CUDA's nondeterminism), and
+    the same checkpoint also resumes on the CPU."""
+    from pyro_vae.checkpoint import load_checkpoint
+    from pyro_vae.train import Trainer
+
+    tiny_raw["train"].update(device="cuda", limit=500, epochs=2, checkpoint_minutes=0)
+    straight = Experiment.build(config_from_dict(tiny_raw))
+    fit(straight, RunDir(tmp_path / "a"), progress=False)
+
+    interrupted = Experiment.build(config_from_dict(tiny_raw))
+    real_step, calls = Trainer.step, []
+
+    def step_then_stop(self, x):
+        real_step(self, x)
+        calls.append(1)
+        if len(calls) == 7:  # epoch 2, after its second step and the checkpoint that follows
+            self.checkpoint()
+            raise RuntimeError("killed")
+
+    monkeypatch.setattr(Trainer, "step", step_then_stop)
+    with pytest.raises(RuntimeError, match="killed"):
+        fit(interrupted, RunDir(tmp_path / "b"), progress=False)
+    monkeypatch.setattr(Trainer, "step", real_step)
+    state = load_checkpoint(tmp_path / "b" / "checkpoint.pt", map_location="cuda")
+    assert state["step_in_epoch"] == 2 and state["rng"]["torch"].is_cuda  # moved there by map_location
+    resumed = Experiment.build(config_from_dict(tiny_raw))
+    fit(resumed, RunDir(tmp_path / "b"), state, progress=False)
+    for a, b in zip(straight.model.state_dict().values(), resumed.model.state_dict().values()):
+        assert torch.allclose(a, b, atol=1e-4)
+
+    tiny_raw["train"]["device"] = "cpu"
+    on_cpu = Experiment.build(config_from_dict(tiny_raw))
+    mid_epoch_on_cuda = load_checkpoint(tmp_path / "b" / "checkpoint.prev.pt")  # epoch 2, step 4
+    assert mid_epoch_on_cuda["step_in_epoch"] == 4 and mid_epoch_on_cuda["device"] == "cuda"
+    history = fit(on_cpu, RunDir(tmp_path / "c"), mid_epoch_on_cuda, progress=False)
+    assert len(history) == 2 and math.isfinite(history[-1]["valid_elbo"])

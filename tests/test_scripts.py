@@ -26,3 +26,23 @@ def test_gradient_variance_script(tmp_path):
     assert float(rows["trace_elbo"]["variance"]) > 100 * float(rows["disarm"]["variance"])
     assert float(rows["disarm"]["bias"]) < 3 * float(rows["disarm"]["noise"])
     assert out.with_suffix(".png").stat().st_size > 1000 and "| `disarm` |" in out.with_suffix(".md").read_text()
+
+
+def test_compare_runs_reports_the_headline_evaluation(tmp_path, capsys):
+    """Of a run's evaluations, the table shows the latest checkpoint's on the
+    test split with the largest K, whatever was evaluated last."""
+    import json
+
+    from pyro_vae.cli import main
+
+    (tmp_path / "tiny.toml").write_text(tomli_w.dumps(TINY))
+    for name in ("a", "b"):
+        assert main(["train", str(tmp_path / "tiny.toml"), "--run-dir", str(tmp_path / name), "--quiet"]) == 0
+    assert main(["evaluate", str(tmp_path / "a"), "--quiet", "--iw-samples", "3", "--split", "valid", "--limit", "7"]) == 0
+    capsys.readouterr()
+    subprocess.run([sys.executable, str(ROOT / "scripts" / "compare_runs.py"), str(tmp_path / "a"), str(tmp_path / "b"),
+                    "--out", str(tmp_path / "cmp")], check=True, capture_output=True, cwd=tmp_path)
+    table = (tmp_path / "cmp.md").read_text()
+    headline = json.loads((tmp_path / "a" / "eval_test_K20_first100_epoch1.json").read_text())
+    assert "test IS NLL (K=20)" in table and f"| {headline['iw_nll']:.2f} |" in table.splitlines()[2]
+    assert (tmp_path / "cmp.png").stat().st_size > 1000

@@ -47,7 +47,7 @@ def test_resume_follows_the_same_path(tiny_raw, tmp_path):
 def test_corrupt_checkpoint_is_reported(tiny_raw, tmp_path):
     (tmp_path / "checkpoint.pt").write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError, match="corrupt or not a pyro-vae checkpoint.*no previous checkpoint"):
-        RunDir(tmp_path).open_for_training(config_from_dict(tiny_raw))
+        RunDir(tmp_path).resume_state(config_from_dict(tiny_raw))
 
 
 def test_checkpoint_cannot_run_code(tmp_path):
@@ -86,11 +86,12 @@ def test_gray_data_with_a_bernoulli_likelihood_is_refused(tiny_raw):
 
 
 def test_run_dir_of_another_experiment_is_not_overwritten(tiny_raw, tmp_path):
-    RunDir(tmp_path).open_for_training(config_from_dict(tiny_raw))
+    RunDir(tmp_path).start_session(config_from_dict(tiny_raw), None)
     tiny_raw["model"]["latent_dim"] = 3
     with pytest.raises(ConfigError, match=r"holds a different experiment \(model.latent_dim: 8 -> 3\).*--overwrite"):
-        RunDir(tmp_path).open_for_training(config_from_dict(tiny_raw))
-    RunDir(tmp_path).open_for_training(config_from_dict(tiny_raw), overwrite=True)
+        RunDir(tmp_path).resume_state(config_from_dict(tiny_raw))
+    assert RunDir(tmp_path).resume_state(config_from_dict(tiny_raw), overwrite=True) is None
+    assert not tmp_path.exists()
 
 
 def test_cuda_device_is_refused_without_cuda(tiny_raw):
