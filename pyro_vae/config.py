@@ -61,8 +61,8 @@ class TrainConfig(_Strict):
     limit: Optional[int] = Field(None, ge=1, description="train on the first N training images")
     checkpoint_minutes: float = Field(10.0, ge=0, description="minutes between checkpoints inside an epoch (0: every step)")
     max_bad_steps: int = Field(0, ge=0, description="batches with a non-finite loss or gradient skipped before stopping")
-    divergence_factor: Optional[float] = Field(
-        100.0, gt=0, description="stop when the loss exceeds its running mean by this many times its size (none: never)")
+    divergence_factor: float = Field(
+        100.0, gt=0, description="stop when the loss exceeds its running mean by this many times its size (inf: never)")
     tensorboard: Optional[bool] = Field(None, description="write TensorBoard event files (default: when installed)")
 
 

@@ -58,11 +58,11 @@ class DivergenceMonitor:
     """Classifies each step's per-datapoint loss: ``"ok"``, ``"bad"`` (not
     finite, or its update was skipped) or ``"exploded"``.
 
-    :param factor: the explosion threshold (``None``: never).
+    :param factor: the explosion threshold (``inf``: never).
     :param decay: of the running mean.
     """
 
-    def __init__(self, factor: Optional[float], decay: float = 0.99):
+    def __init__(self, factor: float, decay: float = 0.99):
         self.factor = factor
         self.decay = decay
         self.running_mean: Optional[float] = None
@@ -71,7 +71,7 @@ class DivergenceMonitor:
         if update_skipped or not math.isfinite(loss):
             return "bad"
         m = self.running_mean
-        if self.factor is not None and m is not None and loss > m + self.factor * max(abs(m), 1.0):
+        if m is not None and loss > m + self.factor * max(abs(m), 1.0):
             return "exploded"
         self.running_mean = loss if m is None else self.decay * m + (1 - self.decay) * loss
         return "ok"
