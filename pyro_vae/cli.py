@@ -61,7 +61,7 @@ def positive_int(text: str) -> int:
 def _evaluate(args: argparse.Namespace) -> None:
     from pyro_vae.experiment import resolve_device
     from pyro_vae.rundir import RunDir, checkpoint_tag
-    from pyro_vae.train import evaluate_run, record
+    from pyro_vae.train import evaluate_run, record, save_latent_pictures
 
     run = RunDir(args.run_dir)
     device = resolve_device(args.device) if args.device else None
@@ -75,10 +75,14 @@ def _evaluate(args: argparse.Namespace) -> None:
         batch_size=_given(args.batch_size, defaults.batch_size),
         limit=args.limit,
         progress=not args.quiet,
+        decompose=args.decompose or defaults.decompose,
     )
     result.extra.update(epoch=state["epoch"], step_in_epoch=state.get("step_in_epoch", 0),
                         checkpoint=checkpoint_tag(state))
-    print(json.dumps(record(run, result), indent=2))
+    summary = record(run, result)
+    if args.decompose:
+        save_latent_pictures(run, experiment, summary["kl_per_dim"])
+    print(json.dumps(summary, indent=2))
 
 
 def _list(args: argparse.Namespace) -> None:
@@ -114,6 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--limit", type=positive_int, help="only the first N datapoints")
     ev.add_argument("--chunk-size", type=positive_int, help="samples drawn at once (bounds memory)")
     ev.add_argument("--batch-size", type=positive_int, help="datapoints evaluated at once")
+    ev.add_argument("--decompose", action="store_true",
+                    help="split the KL into index-code MI, total correlation and dimension-wise KL over the split "
+                         "(and the MIG where the data have known factors); draws traversals.png and kl_per_dim.png")
     ev.add_argument("--device", choices=["auto", "cpu", "cuda"], help="where to evaluate (default: the config's train.device)")
     ev.add_argument("--from-previous-checkpoint", action="store_true",
                     help="the newest checkpoint is corrupt: set it aside and use the previous one")

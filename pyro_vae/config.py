@@ -76,6 +76,8 @@ class EvalConfig(_Strict):
     batch_size: int = Field(100, ge=1, description="datapoints evaluated at once")
     split: Literal["train", "valid", "test"] = "test"
     limit: Optional[int] = Field(None, ge=1, description="evaluate the first N datapoints")
+    decompose: bool = Field(False, description="also split the KL into index-code MI, total correlation, "
+                                               "dimension-wise KL (and MIG where the data have factors)")
 
 
 class ExperimentConfig(_Strict):

@@ -86,3 +86,71 @@ def save_curves(history: list[dict], path: str | Path) -> None:
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+@torch.no_grad()
+def traversal_means(model: Callable, guide: Callable, x: torch.Tensor, dims: Sequence[int],
+                    values: Sequence[float], event_shape: Sequence[int]) -> torch.Tensor:
+    """``E[x | z]`` with ``z`` the guide's mean code of the single datapoint
+    ``x`` and, row by row, latent ``dims[r]`` set to each of ``values``:
+    ``[len(dims) * len(values), *event_shape]``."""
+    from pyro_vae.aggregate import factorised
+    from pyro_vae.traces import latent_sites
+
+    guide_trace = poutine.trace(guide).get_trace(x)
+    (name, site), = latent_sites(guide_trace)
+    code = factorised(site).mean.reshape(1, -1)
+    n = len(dims) * len(values)
+    z = code.repeat(n, 1)
+    for row, dim in enumerate(dims):
+        z[row * len(values):(row + 1) * len(values), dim] = torch.as_tensor(values, dtype=z.dtype, device=z.device)
+    trace = poutine.trace(poutine.condition(model, data={name: z})).get_trace(None, batch_size=n)
+    return trace.nodes[OBSERVED_SITE]["fn"].mean.reshape(n, *event_shape)
+
+
+def save_traversals(model: Callable, guide: Callable, x: torch.Tensor, kl_per_dim: Sequence[float],
+                    event_shape: Sequence[int], path: str | Path, rows: int = 10,
+                    values: Sequence[float] = tuple(torch.linspace(-2.5, 2.5, 9).tolist())) -> None:
+    """Latent traversals: one row per latent dimension (the ``rows`` with the
+    largest KL, labelled with it), each swept over ``values`` while the other
+    dimensions keep the guide's mean code of ``x`` (one datapoint)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    order = sorted(range(len(kl_per_dim)), key=lambda d: -kl_per_dim[d])[:rows]
+    images = traversal_means(model, guide, x, order, values, event_shape).clamp(0, 1).cpu()
+    pad = 2
+    grid = make_grid(images, nrow=len(values), padding=pad, pad_value=1.0)
+    cell = event_shape[-2] + pad
+    fig, ax = plt.subplots(figsize=(grid.shape[2] / 60 + 1.0, grid.shape[1] / 60 + 0.4), dpi=100)
+    ax.imshow(grid.permute(1, 2, 0).numpy(), interpolation="nearest")
+    ax.set_yticks([pad / 2 + cell * (r + 0.5) for r in range(len(order))])
+    ax.set_yticklabels([f"z{d} ({kl_per_dim[d]:.1f})" for d in order], fontsize=7)
+    ax.set_xticks([pad / 2 + (event_shape[-1] + pad) * (c + 0.5) for c in range(len(values))])
+    ax.set_xticklabels([f"{v:+.1f}" for v in values], fontsize=7)
+    ax.tick_params(length=0)
+    for spine in ax.spines.values():
+        spine.set_visible(False)
+    ax.set_title("latent traversals (row: dimension, its KL in nats; column: its value)", fontsize=8)
+    fig.tight_layout(pad=0.2)
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def save_kl_bars(kl_per_dim: Sequence[float], path: str | Path) -> None:
+    """The KL(q(z_u|x) || p(z_u)) of each latent dimension, averaged over the data."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(max(3.0, 0.25 * len(kl_per_dim) + 1), 2.6), dpi=120)
+    ax.bar(range(len(kl_per_dim)), kl_per_dim, color="tab:blue")
+    ax.set_xlabel("latent dimension")
+    ax.set_ylabel("KL (nats)")
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)

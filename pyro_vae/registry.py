@@ -145,7 +145,7 @@ OBJECTIVES = Registry("objective", deferred=("model", "guide"))
 
 ALL = {"data": DATASETS, "prior": PRIORS, "model": MODELS, "guide": GUIDES, "objective": OBJECTIVES}
 
-_CATALOGUE = ("pyro_vae.data.mnist", "pyro_vae.objectives", "models", "guides")
+_CATALOGUE = ("pyro_vae.data.mnist", "pyro_vae.data.shapes", "pyro_vae.objectives", "models", "guides")
 
 
 def load_catalogue(extra_modules: typing.Iterable[str] = ()) -> None:

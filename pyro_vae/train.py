@@ -33,14 +33,18 @@ from tqdm.auto import tqdm
 from pyro_vae.checkpoint import describe, discard_newest, load_checkpoint, restore_weights, rng_state, save_checkpoint, set_rng_state
 from pyro_vae.config import ExperimentConfig
 from pyro_vae.divergence import DivergenceMonitor, GuardedOptimizer, locate_non_finite
-from pyro_vae.errors import CheckpointError, TrainingDivergedError, TrainingInterrupted
+from pyro_vae.errors import CheckpointError, ConfigError, TrainingDivergedError, TrainingInterrupted
 from pyro_vae.evaluate import Evaluation, evaluate, mean_elbo
 from pyro_vae.experiment import Experiment
 from pyro_vae.interrupt import StopRequests
 from pyro_vae.objectives import Objective, TrainingContext
-from pyro_vae.plots import save_curves, save_reconstructions, save_samples
+from pyro_vae.aggregate import factorised
+from pyro_vae.decompose import decompose as decompose_split
+from pyro_vae.mig import mutual_information_gap
+from pyro_vae.plots import save_curves, save_kl_bars, save_reconstructions, save_samples, save_traversals
 from pyro_vae.rundir import RunDir, checkpoint_tag
 from pyro_vae.tensorboard import TensorBoardLog, check_tensorboard
+from pyro_vae.traces import guide_and_model_traces, is_reparameterized, latent_sites
 
 log = logging.getLogger("pyro_vae")
 
@@ -327,10 +331,12 @@ def fit(experiment: Experiment, run: RunDir, state: Optional[dict[str, Any]] = N
 
 
 def evaluate_run(experiment: Experiment, split: str, num_samples: int, chunk_size: int,
-                 batch_size: int, limit: int | None, progress: bool = True) -> Evaluation:
+                 batch_size: int, limit: int | None, progress: bool = True, decompose: bool = False) -> Evaluation:
     """Evaluate the experiment's model/guide on (the first ``limit`` datapoints
-    of) one split, timing it.  The result's ``limit`` is ``None`` when the
-    whole split was evaluated."""
+    of) one split, timing it; with ``decompose``, also the KL decomposition
+    over the same datapoints (:mod:`pyro_vae.decompose`) and, where the data
+    carry generative factors (labels ``[N, K]``), the MIG.  The result's
+    ``limit`` is ``None`` when the whole split was evaluated."""
     data = experiment.data[split]
     if limit and limit < len(data):
         data = data.head(limit)
@@ -341,8 +347,34 @@ def evaluate_run(experiment: Experiment, split: str, num_samples: int, chunk_siz
         experiment.model, experiment.guide, data.batches(batch_size), num_samples,
         chunk_size=chunk_size, num_batches=data.num_batches(batch_size), progress=progress,
     )
+    if decompose:
+        parts = decompose_split(experiment.model, experiment.guide, data.batches(batch_size), progress=progress)
+        result.extra["decomposition"] = parts.summary()
+        if data.labels.dim() == 2:
+            result.extra["mig"] = mutual_information_gap(parts.codes, data.labels.cpu().numpy())
     result.extra.update(split=split, limit=limit, seconds=round(time.perf_counter() - start, 1))
     return result
+
+
+def save_latent_pictures(run: RunDir, experiment: Experiment, kl_per_dim: dict[str, list[float]]) -> None:
+    """Latent traversals around the first test datapoint's code and the
+    per-dimension KL bars, for a guide with one continuous latent site that
+    factorises over its dimensions (nothing otherwise)."""
+    x = experiment.data["test"].batch(slice(0, 1))
+    with torch.no_grad():
+        guide_trace, _ = guide_and_model_traces(experiment.model, experiment.guide, x)
+    sites = list(latent_sites(guide_trace))
+    kl = next(iter(kl_per_dim.values()), [])
+    if len(sites) != 1 or not is_reparameterized(sites[0][1]) or len(kl) < 2:
+        return
+    try:
+        factorised(sites[0][1])
+    except ConfigError:
+        return
+    with run.atomic("traversals.png") as path:
+        save_traversals(experiment.model, experiment.guide, x, kl, experiment.data.event_shape, path)
+    with run.atomic("kl_per_dim.png") as path:
+        save_kl_bars(kl, path)
 
 
 def record(run: RunDir, result: Evaluation, report: Optional[dict[str, Any]] = None) -> dict[str, Any]:
@@ -387,8 +419,10 @@ def train_and_evaluate(config: ExperimentConfig, run_dir: str | Path, overwrite:
         report = run.read_report() | report
         run.write_json("report.json", report)
         return report
-    result = evaluate_run(experiment, ev.split, ev.iw_samples, ev.chunk_size, ev.batch_size, ev.limit, progress)
+    result = evaluate_run(experiment, ev.split, ev.iw_samples, ev.chunk_size, ev.batch_size, ev.limit, progress,
+                          decompose=ev.decompose)
     result.extra.update(epoch=len(history), checkpoint=checkpoint_tag({"epoch": len(history)}))
     report["wall_seconds_this_call"] = round(time.perf_counter() - start, 1)
-    record(run, result, report)
+    summary = record(run, result, report)
+    save_latent_pictures(run, experiment, summary["kl_per_dim"])
     return run.read_report()

@@ -149,12 +149,17 @@ class MeanFieldELBO(Objective):
                 )
         self._checked = True
 
+    def penalty(self, kl: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """What the objective subtracts from ``E_q[log p(x|z)]`` given the
+        per-datapoint KL ``[K, B]``, and any metrics of its own: here the KL."""
+        return kl, {}
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         particles = draw_particles(self.model, self.guide, x, self.num_particles, self.nesting(x))
         if not self._checked:
             self._check(particles)
         log_likelihood, kl = particles.log_likelihood(), particles.kl()
-        elbo = log_likelihood - kl  # [K, B]
-        surrogate = elbo + score_term(log_likelihood, particles.log_guide(reparameterized=False))
+        penalty, metrics = self.penalty(kl)
+        surrogate = log_likelihood - penalty + score_term(log_likelihood, particles.log_guide(reparameterized=False))
         loss = -surrogate.mean(0).sum()
-        return self.report(loss, x.shape[0], elbo=elbo, kl=kl)
+        return self.report(loss, x.shape[0], elbo=log_likelihood - kl, kl=kl, **metrics)
