@@ -64,10 +64,14 @@ class TrainConfig(_Strict):
     divergence_factor: float = Field(
         100.0, gt=0, description="stop when the loss exceeds its running mean by this many times its size (inf: never)")
     tensorboard: Optional[bool] = Field(None, description="write TensorBoard event files (default: when installed)")
+    lr_schedule: Literal["constant", "burda", "cosine"] = Field(
+        "constant", description="constant | burda (10^(-i/7) for 3^i epochs) | cosine (to 0 over train.epochs)")
+    warmup_steps: int = Field(0, ge=0, description="steps of linear learning-rate warm-up")
 
 
 RESUMABLE_TRAIN_KEYS = frozenset(
-    {"epochs", "lr", "device", "checkpoint_minutes", "max_bad_steps", "divergence_factor", "tensorboard"})
+    {"epochs", "lr", "device", "checkpoint_minutes", "max_bad_steps", "divergence_factor", "tensorboard",
+     "lr_schedule", "warmup_steps"})
 
 
 class EvalConfig(_Strict):

@@ -43,6 +43,7 @@ from pyro_vae.decompose import decompose as decompose_split
 from pyro_vae.mig import mutual_information_gap
 from pyro_vae.plots import save_curves, save_kl_bars, save_reconstructions, save_samples, save_traversals
 from pyro_vae.rundir import RunDir, checkpoint_tag
+from pyro_vae.schedules import lr_multiplier
 from pyro_vae.tensorboard import TensorBoardLog, check_tensorboard
 from pyro_vae.traces import guide_and_model_traces, is_reparameterized, latent_sites
 
@@ -120,6 +121,8 @@ class Trainer:
         self.guard = GuardedOptimizer(self.optimizer, objective)
         self.monitor = DivergenceMonitor(cfg.divergence_factor)
         self.steps_per_epoch = self.train_split.num_batches(cfg.batch_size)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_multiplier(
+            cfg.lr_schedule, self.steps_per_epoch, cfg.epochs * self.steps_per_epoch, cfg.warmup_steps))
         self.generator = torch.Generator(device=experiment.device)
         self.state = Progress()
         self.resume_rng: Optional[dict[str, Any]] = None
@@ -139,14 +142,20 @@ class Trainer:
                 objective.load_own_state_dict(state["objective"])
             except RuntimeError as exc:
                 raise CheckpointError(f"{self.run.checkpoint}: {exc}; was the objective's code changed?") from None
-        lrs = [group["lr"] for group in self.optimizer.param_groups]
+        bases = list(self.scheduler.base_lrs)
         try:
             self.optimizer.load_state_dict(state["optimizer"])
         except (ValueError, KeyError) as exc:
             raise CheckpointError(f"{self.run.checkpoint}: the optimizer state does not fit the parameters "
                                   f"({exc}); was a part's code changed?") from None
-        for group, lr in zip(self.optimizer.param_groups, lrs):  # the learning rate may change on resume
-            group["lr"] = lr
+        steps = state["epoch"] * self.steps_per_epoch + state.get("step_in_epoch", 0)
+        if state.get("scheduler"):
+            self.scheduler.load_state_dict(state["scheduler"])
+        else:  # a checkpoint from before schedules: the schedule's position is the step
+            self.scheduler.last_epoch = steps
+        self.scheduler.base_lrs = bases  # the learning rate and its schedule may change on resume
+        for group, base, factor in zip(self.optimizer.param_groups, bases, self._factors()):
+            group["initial_lr"], group["lr"] = base, base * factor
         self.state = Progress(history=list(state["history"]), step_in_epoch=state.get("step_in_epoch", 0),
                               datapoints=state.get("datapoints", 0), sums=dict(state.get("sums", {})),
                               seconds=state.get("seconds", 0.0), bad_steps=state.get("bad_steps", 0))
@@ -160,6 +169,10 @@ class Trainer:
                             "run no longer follows the uninterrupted path", state.get("device"), exp.device.type,
                             self.state.epoch + 1)
 
+    def _factors(self) -> list[float]:
+        """The schedule's multiplier for each parameter group at the scheduler's step."""
+        return [fn(self.scheduler.last_epoch) for fn in self.scheduler.lr_lambdas]
+
     def checkpoint(self) -> None:
         objective, s = self.objective, self.state
         save_checkpoint(
@@ -168,6 +181,7 @@ class Trainer:
                 "guide": objective.guide.state_dict(),
                 "objective": objective.own_state_dict(),
                 "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(),
                 "epoch": s.epoch,
                 "step_in_epoch": s.step_in_epoch,
                 "datapoints": s.datapoints,
@@ -241,6 +255,7 @@ class Trainer:
             s.add(objective.metrics, x.shape[0])
         s.step_in_epoch += 1
         objective.context.step += 1
+        self.scheduler.step()  # the schedule counts every step, skipped or not, as the context does
 
     def _train_epoch(self, epoch: int, stop: StopRequests, board: Optional[TensorBoardLog]) -> None:
         cfg, objective, s = self.cfg, self.objective, self.state
@@ -285,7 +300,8 @@ class Trainer:
         if not math.isfinite(valid_elbo):
             raise self._diverged(f"the valid ELBO became {valid_elbo}")
         seconds = s.seconds + time.perf_counter() - start
-        s.finish_epoch({"epoch": epoch, **metrics, "valid_elbo": valid_elbo, "lr": cfg.lr, "seconds": seconds})
+        lr = self.optimizer.param_groups[0]["lr"]  # after the epoch's last step (it varies under a schedule)
+        s.finish_epoch({"epoch": epoch, **metrics, "valid_elbo": valid_elbo, "lr": lr, "seconds": seconds})
         self.checkpoint()
         self.run.write_metrics(s.history)
         if board is not None:

@@ -1,6 +1,5 @@
 """beta-VAE, capacity and beta-TCVAE objectives, the KL decomposition, MIG
 and the shapes data, against exact answers."""
-import math
 
 import numpy as np
 import pyro
@@ -8,7 +7,7 @@ import pytest
 import torch
 
 from linear_gaussian import LinearGaussianModel
-from pyro_vae.aggregate import aggregate_log_densities, kl_terms, mss_log_weights, mws_log_weights, \
+from pyro_vae.aggregate import aggregate_log_densities, mss_log_weights, mws_log_weights, \
     pairwise_log_density
 from pyro_vae.config import config_from_dict
 from pyro_vae.decompose import decompose

@@ -434,9 +434,12 @@ def _assert_identical(a, b):
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory):
-    """3 epochs of 5 steps, checkpointing after every step, never interrupted."""
+    """3 epochs of 5 steps under a warmed-up cosine learning-rate schedule
+    (whose state the checkpoints carry), checkpointing after every step,
+    never interrupted."""
     tmp = tmp_path_factory.mktemp("straight")
-    raw = {**TINY, "train": {**TINY["train"], "epochs": 3, "limit": 500, "checkpoint_minutes": 0}}
+    raw = {**TINY, "train": {**TINY["train"], "epochs": 3, "limit": 500, "checkpoint_minutes": 0,
+                             "lr_schedule": "cosine", "warmup_steps": 3}}
     config = write_config(tmp, raw)
     done = _subprocess(["train", config, "--run-dir", tmp / "run", "--quiet", "--no-eval"])
     assert done.returncode == 0, done.stderr
