@@ -32,6 +32,8 @@ def _train(args: argparse.Namespace) -> None:
     run_dir = args.run_dir or Path("runs") / Path(args.config).stem
     report = train_and_evaluate(config, run_dir, overwrite=args.overwrite, progress=not args.quiet,
                                 evaluate_after=not args.no_eval, from_previous=args.from_previous_checkpoint)
+    if not report:  # a rank other than 0 of a torchrun job: rank 0 reports
+        return
     if args.no_eval:
         print(json.dumps({k: v for k, v in report.items() if k not in ("eval", "evaluations")}, indent=2))
         return

@@ -22,6 +22,7 @@ from typing import Callable, Optional
 import pyro
 import torch
 
+from pyro_vae.distributed import Ranks
 from pyro_vae.traces import guide_and_model_traces, sample_sites
 
 
@@ -31,23 +32,64 @@ class GuardedOptimizer:
     metric) and every gradient are finite, and records in :attr:`skipped`
     whether it did not.  One host sync a step: the check must finish before
     the update.  (The largest absolute gradient is tested, which, unlike a
-    2-norm, cannot overflow for finite gradients.)"""
+    2-norm, cannot overflow for finite gradients.)
 
-    def __init__(self, optimizer: torch.optim.Optimizer, objective: torch.nn.Module):
+    Across ``ranks`` (data-parallel training) the gradients, the summed loss,
+    the batch size and a stop request are summed over the ranks first, in one
+    collective, so every rank applies the gradient of the global batch and
+    takes the same decisions: set :attr:`batch_size` and :attr:`stop` before
+    each step; :attr:`loss_per_datapoint` and :attr:`stop_any` hold the
+    global figures after it."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, objective: torch.nn.Module, ranks: Ranks = Ranks()):
         self.optimizer = optimizer
         self.objective = objective
+        self.ranks = ranks
         self.skipped = False
+        self.batch_size, self.stop = 0, False
+        self.loss_per_datapoint, self.stop_any = math.nan, False
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.optimizer.zero_grad(set_to_none=set_to_none)
 
+    def _parameters(self) -> list[torch.Tensor]:
+        return [p for group in self.optimizer.param_groups for p in group["params"]]
+
+    def poison(self) -> None:
+        """A step whose forward failed: NaN gradients, so the step is skipped
+        by every rank (which still meet in the collective)."""
+        for p in self._parameters():
+            p.grad = torch.full_like(p, math.nan)
+        self.objective.metrics = {"loss": torch.tensor(math.nan)}
+
     def step(self) -> None:
-        grads = [p.grad for group in self.optimizer.param_groups for p in group["params"] if p.grad is not None]
+        loss = self.objective.metrics["loss"].float().reshape(())
+        if self.ranks.active:
+            grads = self._filled_grads()
+            totals = torch.stack([loss * self.batch_size, torch.tensor(float(self.batch_size)),
+                                  torch.tensor(float(self.stop))]).to(loss.device)
+            self.ranks.all_reduce_sum_(grads + [totals])
+            loss, self.stop_any = totals[0], bool(totals[2] > 0)
+            self.loss_per_datapoint = (totals[0] / totals[1]).item()
+        else:
+            grads = [p.grad for p in self._parameters() if p.grad is not None]
+            self.stop_any = self.stop
         largest = torch._foreach_norm(grads, float("inf")) if grads else []
-        checks = torch.stack([self.objective.metrics["loss"].float().reshape(()), *(n.float() for n in largest)])
+        checks = torch.stack([loss.float(), *(n.float() for n in largest)])
         self.skipped = not bool(checks.isfinite().all())
         if not self.skipped:
             self.optimizer.step()
+
+    def _filled_grads(self) -> list[torch.Tensor]:
+        """Every trainable parameter's gradient, zeros where its part of the
+        batch left one unset: the ranks must reduce the same tensors."""
+        grads = []
+        for p in self._parameters():
+            if p.requires_grad:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+                grads.append(p.grad)
+        return grads
 
     @property
     def param_groups(self) -> list[dict]:

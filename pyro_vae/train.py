@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import math
+import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -32,6 +33,7 @@ from tqdm.auto import tqdm
 
 from pyro_vae.checkpoint import describe, discard_newest, load_checkpoint, restore_weights, rng_state, save_checkpoint, set_rng_state
 from pyro_vae.config import ExperimentConfig
+from pyro_vae.distributed import Ranks, init_ranks
 from pyro_vae.divergence import DivergenceMonitor, GuardedOptimizer, locate_non_finite
 from pyro_vae.errors import CheckpointError, ConfigError, TrainingDivergedError, TrainingInterrupted
 from pyro_vae.evaluate import Evaluation, evaluate, mean_elbo
@@ -51,6 +53,7 @@ log = logging.getLogger("pyro_vae")
 
 VALID_BATCH = 1000
 REPORT_EVERY = 50  # steps between progress-bar updates
+RANK_SEED_STRIDE = 7_919  # separates the ranks' random streams
 
 
 def epoch_seed(seed: int, epoch: int) -> int:
@@ -111,16 +114,19 @@ class Trainer:
     """One ``train`` call on one run directory (see the module docstring)."""
 
     def __init__(self, experiment: Experiment, run: RunDir, state: Optional[dict[str, Any]] = None,
-                 progress: bool = True, verbose: bool = True):
-        self.experiment, self.run, self.progress_bar, self.verbose = experiment, run, progress, verbose
+                 progress: bool = True, verbose: bool = True, ranks: Ranks = Ranks()):
+        self.experiment, self.run, self.ranks = experiment, run, ranks
+        self.progress_bar, self.verbose = progress and ranks.is_main, verbose and ranks.is_main
         self.cfg = cfg = experiment.config.train
         self.objective = objective = experiment.objective
         self.train_split = experiment.data["train"].head(cfg.limit) if cfg.limit else experiment.data["train"]
         objective.prepare(self.train_split.batch(slice(0, 2)))
         self.optimizer = make_optimizer(objective.param_groups(), cfg.lr)
-        self.guard = GuardedOptimizer(self.optimizer, objective)
+        self.guard = GuardedOptimizer(self.optimizer, objective, ranks)
         self.monitor = DivergenceMonitor(cfg.divergence_factor)
         self.steps_per_epoch = self.train_split.num_batches(cfg.batch_size)
+        if ranks.active and 0 < len(self.train_split) % cfg.batch_size < ranks.world_size:
+            self.steps_per_epoch -= 1  # a last global batch too small to give every rank a datapoint is dropped
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lr_multiplier(
             cfg.lr_schedule, self.steps_per_epoch, cfg.epochs * self.steps_per_epoch, cfg.warmup_steps))
         self.generator = torch.Generator(device=experiment.device)
@@ -174,7 +180,10 @@ class Trainer:
         return [fn(self.scheduler.last_epoch) for fn in self.scheduler.lr_lambdas]
 
     def checkpoint(self) -> None:
+        """Save where the run stands (rank 0 alone writes)."""
         objective, s = self.objective, self.state
+        if not self.ranks.is_main:
+            return
         save_checkpoint(
             {
                 "model": objective.model.state_dict(),
@@ -208,7 +217,7 @@ class Trainer:
         where = (f"the end of epoch {s.epoch + 1}" if s.step_in_epoch >= self.steps_per_epoch
                  else f"epoch {s.epoch + 1}, step {s.step_in_epoch + 1}")
         advice = f"Lower train.lr (e.g. --set train.lr={self.cfg.lr / 3:.3g}) and run the same command again"
-        if self.last_checkpoint_step == self.objective.context.step:
+        if self.last_checkpoint_step == self.objective.context.step and self.ranks.is_main:
             discard_newest(self.run.checkpoint)
         if self.run.checkpoint.is_file():
             saved = load_checkpoint(self.run.checkpoint)
@@ -221,20 +230,25 @@ class Trainer:
         model, guide = self.objective.model, self.objective.guide
         return locate_non_finite(model, guide, x, {"model": model, "guide": guide})
 
-    def step(self, x: torch.Tensor) -> None:
+    def step(self, x: torch.Tensor, stop_requested: bool = False) -> bool:
         """One optimizer step on the batch ``x`` (Pyro's validation on an
         epoch's first step), checked for divergence, its metrics added to the
         epoch's sums.  A skipped bad batch also leaves the objective's own
-        state (running baselines) as it was, when ``max_bad_steps`` allows skips."""
+        state (running baselines) as it was, when ``max_bad_steps`` allows skips.
+        Returns whether any rank was asked to stop (``stop_requested`` here)."""
         objective, s, cfg = self.objective, self.state, self.cfg
         own_state = {k: v.clone() for k, v in objective.own_state_dict().items()} if cfg.max_bad_steps else None
+        self.guard.batch_size, self.guard.stop = x.shape[0], stop_requested
         try:
             loss = train_step(objective, self.guard, x, validate=s.step_in_epoch == 0)
-            per_datapoint, skipped = loss.item() / x.shape[0], self.guard.skipped
+            per_datapoint = self.guard.loss_per_datapoint if self.ranks.active else loss.item() / x.shape[0]
         except ValueError as exc:  # Pyro's validation found NaN distribution parameters: no update was made
             if "invalid values" not in str(exc):
                 raise
-            per_datapoint, skipped = math.nan, True
+            self.guard.poison()
+            self.guard.step()  # (other ranks wait for this rank's part of the collective)
+            per_datapoint = math.nan
+        skipped = self.guard.skipped
         verdict = self.monitor.classify(per_datapoint, skipped)
         if verdict == "exploded":
             raise self._diverged(
@@ -256,12 +270,18 @@ class Trainer:
         s.step_in_epoch += 1
         objective.context.step += 1
         self.scheduler.step()  # the schedule counts every step, skipped or not, as the context does
+        return self.guard.stop_any
 
     def _train_epoch(self, epoch: int, stop: StopRequests, board: Optional[TensorBoardLog]) -> None:
         cfg, objective, s = self.cfg, self.objective, self.state
         self.generator.manual_seed(epoch_seed(cfg.seed, epoch))
-        order = self.train_split.permutation(self.generator)
-        if self.resume_rng is not None:  # mid-epoch: continue the interrupted random streams
+        order = self.train_split.permutation(self.generator)  # the same on every rank
+        if self.ranks.active:  # each rank its own draws (latents, binarization), from the epoch, rank and step
+            seed = epoch_seed(cfg.seed, epoch) + RANK_SEED_STRIDE * self.ranks.rank + s.step_in_epoch
+            pyro.set_rng_seed(seed)
+            self.generator.manual_seed(seed)
+            self.resume_rng = None
+        elif self.resume_rng is not None:  # mid-epoch: continue the interrupted random streams
             set_rng_state(self.resume_rng["rng"])
             self.generator.set_state(self.resume_rng["generator"])
             self.resume_rng = None
@@ -274,36 +294,42 @@ class Trainer:
         start = time.perf_counter()
         while s.step_in_epoch < self.steps_per_epoch:
             i = s.step_in_epoch * cfg.batch_size
-            self.step(self.train_split.batch(order[i: i + cfg.batch_size], self.generator))
+            index = self.ranks.shard(order[i: i + cfg.batch_size])
+            stopping = self.step(self.train_split.batch(index, self.generator), stop.received is not None)
             bar.update()
             if s.step_in_epoch % REPORT_EVERY == 0:
                 bar.set_postfix({k.removeprefix("train_"): f"{v:.2f}" for k, v in s.means().items()
                                  if k in ("train_loss", "train_elbo")})
-            if stop.received or (s.step_in_epoch < self.steps_per_epoch
-                                 and time.monotonic() - self.last_checkpoint >= 60 * cfg.checkpoint_minutes):
+            if stopping or (s.step_in_epoch < self.steps_per_epoch
+                            and time.monotonic() - self.last_checkpoint >= 60 * cfg.checkpoint_minutes):
                 s.seconds += time.perf_counter() - start
                 start = time.perf_counter()
                 self.checkpoint()
-            if stop.received:
+            if stopping:
                 bar.close()
+                signum = stop.received or signal.SIGTERM  # (another rank's signal)
                 raise TrainingInterrupted(
-                    f"stopped by {stop.name} at epoch {epoch}, step {s.step_in_epoch} of {self.steps_per_epoch}; "
-                    f"checkpoint written to {self.run.checkpoint}. Run the same command again to resume.",
-                    stop.received)
+                    f"stopped by {signal.Signals(signum).name} at epoch {epoch}, step {s.step_in_epoch} of "
+                    f"{self.steps_per_epoch}; checkpoint written to {self.run.checkpoint}. Run the same command "
+                    "again to resume.", signum)
         bar.close()
+        if self.ranks.active:  # the epoch's sums over every rank's parts
+            totals = [*s.sums.values(), torch.tensor(float(s.datapoints))]
+            self.ranks.all_reduce_sum_(totals)
+            s.datapoints = int(totals[-1].item())
         if s.datapoints == 0:
             raise self._diverged("every batch of the epoch was bad")
         metrics = s.means()
         objective.eval()
-        valid_elbo = mean_elbo(objective.model, objective.guide,
-                               self.experiment.data["valid"].batches(VALID_BATCH))
+        valid_elbo = self._valid_elbo()
         if not math.isfinite(valid_elbo):
             raise self._diverged(f"the valid ELBO became {valid_elbo}")
         seconds = s.seconds + time.perf_counter() - start
         lr = self.optimizer.param_groups[0]["lr"]  # after the epoch's last step (it varies under a schedule)
         s.finish_epoch({"epoch": epoch, **metrics, "valid_elbo": valid_elbo, "lr": lr, "seconds": seconds})
         self.checkpoint()
-        self.run.write_metrics(s.history)
+        if self.ranks.is_main:
+            self.run.write_metrics(s.history)
         if board is not None:
             board.scalars({k.replace("_", "/", 1): v for k, v in s.history[-1].items() if k not in ("epoch",)},
                           objective.context.step)
@@ -313,11 +339,20 @@ class Trainer:
             tqdm.write(f"epoch {epoch:>4}  loss {row['train_loss']:9.3f}  {train_elbo}"
                        f"valid ELBO {valid_elbo:9.3f}  ({seconds:.1f} s)", file=sys.stderr)
 
+    def _valid_elbo(self) -> float:
+        """The one-sample ELBO averaged over the valid split (each rank its part)."""
+        valid = self.experiment.data["valid"].part(self.ranks.rank, self.ranks.world_size)
+        objective = self.objective
+        total = torch.tensor([mean_elbo(objective.model, objective.guide, valid.batches(VALID_BATCH)) * len(valid),
+                              float(len(valid))])
+        self.ranks.all_reduce_sum_([total])
+        return (total[0] / total[1]).item()
+
     def fit(self, tensorboard: bool = False) -> list[dict[str, Any]]:
         """Train up to ``train.epochs``; returns the per-epoch history."""
-        if self.state.history:  # a kill between the checkpoint and metrics.csv left the file a row short
+        if self.state.history and self.ranks.is_main:  # a kill between the checkpoint and metrics.csv left it short
             self.run.write_metrics(self.state.history)
-        board = TensorBoardLog(self.run.path, self.objective.context.step) if tensorboard else None
+        board = TensorBoardLog(self.run.path, self.objective.context.step) if tensorboard and self.ranks.is_main else None
         try:
             with StopRequests() as stop:
                 for epoch in range(self.state.epoch + 1, self.cfg.epochs + 1):
@@ -407,13 +442,19 @@ def train_and_evaluate(config: ExperimentConfig, run_dir: str | Path, overwrite:
     ``report.json``.  The config, data and device are checked before
     anything is written.  Returns the report."""
     run = RunDir(run_dir)
+    ranks = init_ranks()
     experiment = Experiment.build(config)
     tensorboard = check_tensorboard(config.train.tensorboard)
-    state = run.resume_state(config, overwrite=overwrite, from_previous=from_previous, map_location=experiment.device)
-    trainer = Trainer(experiment, run, state, progress)  # restores the checkpoint: a misfit is refused here
-    run.start_session(config, state)
+    state = run.resume_state(config, overwrite=overwrite and ranks.is_main, from_previous=from_previous,
+                             map_location=experiment.device)
+    trainer = Trainer(experiment, run, state, progress, ranks=ranks)  # restores the checkpoint: a misfit is refused here
+    if ranks.is_main:
+        run.start_session(config, state)
+    ranks.barrier()
     start = time.perf_counter()
     history = trainer.fit(tensorboard)
+    if not ranks.is_main:  # rank 0 draws and evaluates
+        return {}
 
     ev = config.eval
     with run.atomic("samples.png") as path:

@@ -64,6 +64,12 @@ class ImageSplit:
     def num_batches(self, batch_size: int) -> int:
         return -(-len(self) // batch_size)
 
+    def part(self, index: int, parts: int) -> "ImageSplit":
+        """The ``index``-th of ``parts`` contiguous, nearly equal parts (a view)."""
+        bounds = [len(self) * k // parts for k in range(parts + 1)]
+        view = slice(bounds[index], bounds[index + 1])
+        return ImageSplit(self.pixels[view], self.labels[view], self.resample, self.gray)
+
     def head(self, n: int) -> "ImageSplit":
         """The first ``n`` datapoints (a view, no copy)."""
         return ImageSplit(self.pixels[:n], self.labels[:n], self.resample, self.gray)

@@ -1,0 +1,79 @@
+"""Data-parallel training through torchrun: 2 CPU processes (gloo) against one."""
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import tomli_w
+import torch
+
+from conftest import TINY
+from pyro_vae.checkpoint import load_checkpoint
+
+TESTS = Path(__file__).resolve().parent
+TORCHRUN = shutil.which("torchrun", path=str(Path(sys.executable).parent)) or shutil.which("torchrun")
+
+DUMP_EACH_RANK = """
+import sys, torch
+import pyro_vae.train as t
+real_fit = t.Trainer.fit
+def fit(self, tensorboard=False):
+    history = real_fit(self, tensorboard)
+    torch.save(self.objective.state_dict(), f"{out}/rank{{self.ranks.rank}}.pt")
+    return history
+t.Trainer.fit = fit
+from pyro_vae.cli import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+def config(tmp_path, objective):
+    raw = {**TINY, "imports": ["deterministic"], "data": {"name": "mnist", "binarization": "threshold"},
+           "objective": objective, "train": {**TINY["train"], "limit": 450, "epochs": 2, "batch_size": 100}}
+    path = tmp_path / "ddp.toml"
+    path.write_text(tomli_w.dumps(raw))
+    return path
+
+
+def run(argv, cwd, nproc=None):
+    env = {**os.environ, "PYTHONPATH": str(TESTS), "OMP_NUM_THREADS": "1"}
+    if nproc:
+        argv = [TORCHRUN, "--standalone", f"--nproc_per_node={nproc}", *argv]
+    else:
+        argv = [sys.executable, *argv]
+    return subprocess.run([str(a) for a in argv], capture_output=True, text=True, env=env, cwd=cwd, timeout=300)
+
+
+@pytest.mark.skipif(TORCHRUN is None, reason="torchrun is not installed")
+def test_two_ranks_train_as_one_process_over_the_same_global_batches(tmp_path):
+    cfg = config(tmp_path, {"name": "_reconstruction_at_the_mean"})
+    script = tmp_path / "dump.py"
+    script.write_text(DUMP_EACH_RANK.format(out=tmp_path))
+    single = run([script, "train", cfg, "--run-dir", tmp_path / "single", "--no-eval", "--quiet"], tmp_path)
+    assert single.returncode == 0, single.stderr
+    (tmp_path / "rank0.pt").rename(tmp_path / "single.pt")
+    ddp = run([script, "train", cfg, "--run-dir", tmp_path / "ddp", "--no-eval", "--quiet"], tmp_path, nproc=2)
+    assert ddp.returncode == 0, ddp.stderr
+    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    one = torch.load(tmp_path / "single.pt", weights_only=True)
+    for key in rank0:
+        assert torch.equal(rank0[key], rank1[key]), key  # the ranks stay identical
+        assert torch.allclose(rank0[key], one[key], rtol=1e-4, atol=1e-5), key  # and equal to one process
+    saved = load_checkpoint(tmp_path / "ddp" / "checkpoint.pt")  # rank 0 wrote the run
+    assert saved["epoch"] == 2 and all(torch.equal(saved["model"][k], rank0["model." + k]) for k in saved["model"])
+    rows = [(tmp_path / d / "metrics.csv").read_text().splitlines() for d in ("single", "ddp")]
+    loss = [[float(line.split(",")[1]) for line in r[1:]] for r in rows]
+    assert loss[0] == pytest.approx(loss[1], rel=1e-5)  # epoch means over both ranks' datapoints
+    assert not (tmp_path / "ddp" / "eval_test_K20_first100_epoch2.json").exists()
+
+
+@pytest.mark.skipif(TORCHRUN is None, reason="torchrun is not installed")
+def test_a_nan_on_one_rank_stops_every_rank(tmp_path):
+    cfg = config(tmp_path, {"name": "_reconstruction_at_the_mean", "nan_on_rank": 1, "nan_at_step": 2})
+    pyro_vae = Path(sys.executable).parent / "pyro-vae"  # the console script, unchanged under torchrun
+    ddp = run(["--no-python", pyro_vae, "train", cfg, "--run-dir", tmp_path / "ddp", "--quiet"], tmp_path, nproc=2)
+    assert ddp.returncode != 0
+    messages = [line for line in (ddp.stdout + ddp.stderr).splitlines() if "pyro-vae: error:" in line]
+    assert len(messages) == 2 and all("became NaN or infinite" in m and "at epoch 1, step 3" in m for m in messages)
