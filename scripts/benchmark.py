@@ -13,6 +13,12 @@ Cases, on Burda et al.'s MNIST architecture (784-200-200-50, tanh):
   pyro-vae's trainer step (the ``meanfield_elbo`` objective module, fused Adam, the
   gradients checked for NaN before the update, the loss for divergence after) vs the
   same math written by hand, with PyTorch's default Adam and with fused Adam.
+- ``pipeline``: training examples/s of whole pipelines (batches + steps):
+  pyro-vae's trainer, a hand-written step on the same batches, the style of
+  Pyro's VAE example (``DataLoader`` + ``SVI``), and pythae's ``BaseTrainer``
+  (the optional ``benchmark`` extra; skipped with a message without it).
+- ``iw_throughput``: datapoints x samples / s of the IS log-likelihood at
+  K = 5000, pyro-vae's evaluator against pythae's ``get_nll``.
 - ``iw_eval``: the importance-sampled log-likelihood of 100 test images with K
   samples; pyro-vae's chunked, particle-plate-vectorized evaluator vs (a) a
   hand-written loop over the K samples with ``torch.distributions``, and
@@ -89,6 +95,30 @@ def handwritten_log_weights(encoder, decoder, x, num_samples):
     return log_lik + prior.log_prob(z).sum(-1) - q.log_prob(z).sum(-1)
 
 
+def pyro_example_model_and_guide(encoder, decoder):
+    """The model and guide as Pyro's VAE example writes them (``pyro.module``,
+    a data plate, ``Normal(...).to_event(1)`` latents, Bernoulli pixels),
+    around the same networks."""
+    import pyro
+    import pyro.distributions as dist
+
+    latent_dim = decoder[0].in_features
+
+    def model(x):
+        pyro.module("decoder", decoder)
+        with pyro.plate("data", x.shape[0]):
+            z = pyro.sample("latent", dist.Normal(x.new_zeros(x.shape[0], latent_dim), 1.0).to_event(1))
+            pyro.sample("obs", dist.Bernoulli(logits=decoder(z)).to_event(1), obs=x)
+
+    def guide(x):
+        pyro.module("encoder", encoder)
+        with pyro.plate("data", x.shape[0]):
+            loc, raw = encoder(x).chunk(2, -1)
+            pyro.sample("latent", dist.Normal(loc, F.softplus(raw) + 1e-4).to_event(1))
+
+    return model, guide
+
+
 def handwritten_loop(encoder, decoder, x, num_samples):
     """The same, one sample at a time (the common hand-written form)."""
     return torch.stack([handwritten_log_weights(encoder, decoder, x, 1)[0] for _ in range(num_samples)])
@@ -142,6 +172,149 @@ def iw_case(device: str, repeats: int, num_samples: int) -> dict:
             "mean_log_likelihood_pyro_vae": round(a.item(), 2), "mean_log_likelihood_handwritten": round(b.item(), 2)}
 
 
+def pipeline_case(device: str, steps: int) -> dict:
+    """Training throughput of whole pipelines (data batches + steps), in
+    examples/s, on the same model: pyro-vae's trainer; the same data path
+    with a hand-written step; the style of Pyro's VAE example (a
+    ``DataLoader`` over a ``TensorDataset``, ``SVI`` with ``pyro.optim.Adam``
+    and ``Trace_ELBO``); and pythae's ``BaseTrainer`` (when installed)."""
+    import pyro
+    from pyro.infer import SVI, Trace_ELBO
+    from torch.utils.data import DataLoader, TensorDataset
+
+    experiment = build(device)
+    split = experiment.data["train"]
+    batch = 100
+    out = {"case": f"training pipeline, examples/s (batch {batch}, {steps} steps)"}
+
+    def timed(loop) -> float:
+        sync(device)
+        start = time.perf_counter()
+        loop()
+        sync(device)
+        return round(steps * batch / (time.perf_counter() - start), 1)
+
+    with tempfile.TemporaryDirectory() as unused:
+        trainer = Trainer(experiment, RunDir(unused))
+        generator = torch.Generator(device=split.device).manual_seed(0)
+        order = split.permutation(generator)
+
+        def ours():
+            for i in range(steps):
+                trainer.step(split.batch(order[i * batch:(i + 1) * batch], generator))
+
+        out["pyro_vae"] = timed(ours)
+
+    encoder, decoder = copy.deepcopy(experiment.guide.encoder), copy.deepcopy(experiment.model.decoder)
+    optimizer = torch.optim.Adam([*encoder.parameters(), *decoder.parameters()], lr=1e-3)
+
+    def handwritten():
+        for i in range(steps):
+            loss = handwritten_loss(encoder, decoder, split.batch(order[i * batch:(i + 1) * batch], generator))
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+
+    out["handwritten_torch"] = timed(handwritten)
+
+    pyro.clear_param_store()
+    images = torch.bernoulli(split.pixels[: steps * batch].float() / 255).reshape(steps * batch, -1)
+    loader = DataLoader(TensorDataset(images), batch_size=batch, shuffle=True)
+    model, guide = pyro_example_model_and_guide(copy.deepcopy(experiment.guide.encoder),
+                                                copy.deepcopy(experiment.model.decoder))
+    svi = SVI(model, guide, pyro.optim.Adam({"lr": 1e-3}), loss=Trace_ELBO())
+
+    def pyro_example():
+        for (x,) in loader:
+            svi.step(x)
+
+    out["pyro_example_svi"] = timed(pyro_example)
+    out["pythae_trainer"] = pythae_training(experiment, split, steps, batch, device)
+    for key in ("handwritten_torch", "pyro_example_svi", "pythae_trainer"):
+        if out[key]:
+            out[f"speedup_vs_{key}"] = round(out["pyro_vae"] / out[key], 2)
+    return out
+
+
+def _pythae_vae(experiment: Experiment):
+    """pythae's ``VAE`` with the experiment's encoder and decoder networks
+    (the same architecture: diagonal Normal guide, Bernoulli pixels)."""
+    from pythae.models import VAE, VAEConfig
+    from pythae.models.base.base_utils import ModelOutput
+    from pythae.models.nn import BaseDecoder, BaseEncoder
+
+    class Encoder(BaseEncoder):
+        def __init__(self, net):
+            super().__init__()
+            self.net = net
+
+        def forward(self, x):
+            loc, raw = self.net(x.reshape(x.shape[0], -1)).chunk(2, -1)
+            return ModelOutput(embedding=loc, log_covariance=2 * torch.log(F.softplus(raw) + 1e-4))
+
+    class Decoder(BaseDecoder):
+        def __init__(self, net):
+            super().__init__()
+            self.net = net
+
+        def forward(self, z):
+            return ModelOutput(reconstruction=torch.sigmoid(self.net(z)).reshape(-1, *experiment.data.event_shape))
+
+    config = VAEConfig(input_dim=experiment.data.event_shape, latent_dim=experiment.config.model.options["latent_dim"],
+                       reconstruction_loss="bce")
+    return VAE(config, encoder=Encoder(copy.deepcopy(experiment.guide.encoder)),
+               decoder=Decoder(copy.deepcopy(experiment.model.decoder)))
+
+
+def pythae_training(experiment: Experiment, split, steps: int, batch: int, device: str):
+    """examples/s of pythae's ``BaseTrainer`` for one epoch over ``steps * batch``
+    images, or ``None`` with a message when pythae is not installed."""
+    try:
+        from pythae.data.datasets import BaseDataset
+        from pythae.trainers import BaseTrainer, BaseTrainerConfig
+    except ImportError:
+        print("pythae is not installed (pip install 'pyro-vae[benchmark]'): its rows are skipped")
+        return None
+    pixels = torch.bernoulli(split.pixels[: steps * batch].float().cpu() / 255)
+    images = BaseDataset(pixels, torch.zeros(len(pixels)))
+    with tempfile.TemporaryDirectory() as out_dir:
+        config = BaseTrainerConfig(output_dir=out_dir, per_device_train_batch_size=batch, num_epochs=1,
+                                   learning_rate=1e-3, no_cuda=device != "cuda")
+        trainer = BaseTrainer(_pythae_vae(experiment), train_dataset=images, training_config=config)
+        start = time.perf_counter()
+        trainer.train()
+        return round(steps * batch / (time.perf_counter() - start), 1)
+
+
+def iw_throughput_case(device: str, num_samples: int, images: int) -> dict:
+    """IS log-likelihood throughput, (datapoints x samples) / s, at equal K:
+    pyro-vae's evaluator against pythae's ``get_nll`` (one datapoint at a
+    time, samples in batches of 500) on the same networks."""
+    experiment = build(device)
+    x = experiment.data["test"].batch(slice(0, images))
+    model, guide = experiment.model, experiment.guide
+    out = {"case": f"IS log-likelihood throughput, datapoints x samples / s ({images} images, K={num_samples})"}
+    with torch.no_grad():
+        sync(device)
+        start = time.perf_counter()
+        ours = importance_log_likelihood(chunked_log_weights(model, guide, x, num_samples, CHUNK, NESTING)).mean()
+        sync(device)
+        out["pyro_vae"] = round(images * num_samples / (time.perf_counter() - start))
+        out["nll_pyro_vae"] = round(-ours.item(), 2)
+        try:
+            vae = _pythae_vae(experiment).to(device).eval()
+        except ImportError:
+            print("pythae is not installed (pip install 'pyro-vae[benchmark]'): its rows are skipped")
+            return out
+        start = time.perf_counter()
+        nll = -vae.get_nll(x, n_samples=num_samples, batch_size=CHUNK)
+        sync(device)
+        out["pythae_get_nll"] = round(images * num_samples / (time.perf_counter() - start))
+        out["nll_pythae"] = round(float(nll), 2)
+        out["speedup_vs_pythae"] = round(out["pyro_vae"] / out["pythae_get_nll"], 1)
+    return out
+
+
 def _peak_memory_child(kind: str, device: str, num_samples: int, queue) -> None:
     """Builds only the model and guide (no dataset), so the peak measured is the evaluation's."""
     torch.set_num_threads(1)
@@ -192,12 +365,15 @@ def main() -> None:
     parser.add_argument("--iw-samples", type=int, default=1000)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--pipeline-steps", type=int, default=300, help="training steps timed per pipeline")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     results = [
         train_step_case(args.device, args.repeats),
+        pipeline_case(args.device, args.pipeline_steps),
         iw_case(args.device, args.repeats, args.iw_samples),
+        iw_throughput_case(args.device, 5000, 10),
         memory_case(args.device, max(args.iw_samples, 5000)),
     ]
     meta = {"device": args.device, "threads": args.threads, "torch": torch.__version__}
