@@ -13,6 +13,11 @@ Carlo error of the ``z_i``; the sums over the split inside ``log q(z_i)`` are
 exact for the split's own aggregate), the average KL (their sum), the number
 of active units (``Cov_x E_q[z_u | x] > 0.01``, Burda et al. 2015), and the
 per-dimension variance of the codes.
+
+The index-code MI of an aggregate over N datapoints cannot exceed ``log N``
+(``q(z_i) >= q(z_i | x_i) / N``): once the posteriors of different
+datapoints barely overlap, MI sits at ``log N`` and the rest of the KL shows
+up as total correlation.  A larger split raises the ceiling.
 """
 from __future__ import annotations
 

@@ -4,7 +4,9 @@ For each run directory (after ``pyro-vae train``), reads ``metrics.csv`` and
 ``report.json`` and reports the steps and training time, the final and the
 highest training ELBO (the one-sample ELBO averaged over an epoch's
 minibatches), the final valid ELBO, and the headline evaluation (ELBO, IS NLL
-and PSIS k-hat; see :func:`headline_evaluation`); the curves are the training ELBO per
+and PSIS k-hat; see :func:`headline_evaluation`), and, for runs evaluated
+with ``--decompose``, a second table of the ELBO's decomposition, the active
+units and the MIG; the curves are the training ELBO per
 optimizer step, one line per run::
 
     python scripts/compare_runs.py runs/mnist_sbn_linear_score runs/mnist_sbn_linear_nvil runs/mnist_sbn_linear \\
@@ -70,6 +72,24 @@ def table(rows: list[dict], labels: list[str]) -> str:
     return "\n".join(lines)
 
 
+def decomposition_table(rows: list[dict], labels: list[str]) -> str:
+    """The headline evaluations' ELBO decomposition (``--decompose``), active
+    units and MIG, one row per run; ``n/a`` where a run has none."""
+    first = rows[0]["eval"]
+    lines = [f"| run | {first['split']} ELBO | IS NLL (K={first['iw_samples']}) | reconstruction | index-code MI | "
+             "total correlation | dimension-wise KL | KL | active units | MIG |", "|---" * 10 + "|"]
+    for label, r in zip(labels, rows):
+        ev, parts = r["eval"], r["eval"].get("decomposition")
+        cells = ["n/a"] * 5 if parts is None else [
+            f"{parts[k]['mean']:.2f} ± {parts[k]['se']:.2f}"
+            for k in ("reconstruction", "mutual_information", "total_correlation", "dimensionwise_kl", "kl")]
+        units = parts["active_units"] if parts else "n/a"
+        mig = f"{ev['mig']['mig']:.3f}" if "mig" in ev else "n/a"
+        lines.append(f"| {label} (`{r['objective']}`) | {ev['elbo']:.2f} | {ev['iw_nll']:.2f} | "
+                     f"{' | '.join(cells)} | {units} | {mig} |")
+    return "\n".join(lines)
+
+
 def plot(rows: list[dict], labels: list[str], path: Path) -> None:
     import matplotlib
 
@@ -103,6 +123,8 @@ def main() -> None:
     rows = [summarise(RunDir(run)) for run in args.runs]
     args.out.parent.mkdir(parents=True, exist_ok=True)
     text = table(rows, labels)
+    if any("decomposition" in r["eval"] for r in rows):
+        text += "\n\n" + decomposition_table(rows, labels)
     args.out.with_suffix(".md").write_text(text + "\n")
     plot(rows, labels, args.out.with_suffix(".png"))
     print(text)

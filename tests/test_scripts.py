@@ -39,6 +39,7 @@ def test_compare_runs_reports_the_headline_evaluation(tmp_path, capsys):
     for name in ("a", "b"):
         assert main(["train", str(tmp_path / "tiny.toml"), "--run-dir", str(tmp_path / name), "--quiet"]) == 0
     assert main(["evaluate", str(tmp_path / "a"), "--quiet", "--iw-samples", "3", "--split", "valid", "--limit", "7"]) == 0
+    assert main(["evaluate", str(tmp_path / "b"), "--quiet", "--iw-samples", "20", "--limit", "100", "--decompose"]) == 0
     capsys.readouterr()
     subprocess.run([sys.executable, str(ROOT / "scripts" / "compare_runs.py"), str(tmp_path / "a"), str(tmp_path / "b"),
                     "--out", str(tmp_path / "cmp")], check=True, capture_output=True, cwd=tmp_path)
@@ -46,3 +47,5 @@ def test_compare_runs_reports_the_headline_evaluation(tmp_path, capsys):
     headline = json.loads((tmp_path / "a" / "eval_test_K20_first100_epoch1.json").read_text())
     assert "test IS NLL (K=20)" in table and f"| {headline['iw_nll']:.2f} |" in table.splitlines()[2]
     assert (tmp_path / "cmp.png").stat().st_size > 1000
+    decomposed = table.split("\n\n")[1].splitlines()  # b was evaluated with --decompose, a was not
+    assert "index-code MI" in decomposed[0] and "| n/a |" in decomposed[2] and "± " in decomposed[3]
