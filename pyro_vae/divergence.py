@@ -31,8 +31,7 @@ class GuardedOptimizer:
     applies the update only when the objective's last loss (its ``loss``
     metric) and every gradient are finite, and records in :attr:`skipped`
     whether it did not.  One host sync a step: the check must finish before
-    the update.  (The largest absolute gradient is tested, which, unlike a
-    2-norm, cannot overflow for finite gradients.)
+    the update (see :func:`count_non_finite`).
 
     Across ``ranks`` (data-parallel training) the gradients, the summed loss,
     the batch size and a stop request are summed over the ranks first, in one
@@ -74,9 +73,7 @@ class GuardedOptimizer:
         else:
             grads = [p.grad for p in self._parameters() if p.grad is not None]
             self.stop_any = self.stop
-        largest = torch._foreach_norm(grads, float("inf")) if grads else []
-        checks = torch.stack([loss.float(), *(n.float() for n in largest)])
-        self.skipped = not bool(checks.isfinite().all())
+        self.skipped = bool(count_non_finite(grads, loss) > 0)
         if not self.skipped:
             self.optimizer.step()
 
@@ -94,6 +91,22 @@ class GuardedOptimizer:
     @property
     def param_groups(self) -> list[dict]:
         return self.optimizer.param_groups
+
+
+def count_non_finite(grads: list[torch.Tensor], loss: torch.Tensor) -> torch.Tensor:
+    """Nonzero when ``loss`` or any element of ``grads`` is NaN or infinite.
+    PyTorch's check for mixed-precision training, one kernel per dtype, looks
+    at every element (a 2-norm would overflow for finite gradients near 1e19;
+    the infinity norm costs ~25x more on the CPU)."""
+    found = (~torch.isfinite(loss)).float().reshape(1)
+    groups: dict[tuple, list[torch.Tensor]] = {}
+    for g in grads:
+        groups.setdefault((g.device, g.dtype), []).append(g)
+    for (device, _), group in groups.items():
+        flag = torch.zeros(1, device=device)
+        torch._amp_foreach_non_finite_check_and_unscale_(group, flag, torch.ones(1, device=device))
+        found = found + flag.to(found.device)
+    return found
 
 
 class DivergenceMonitor:
