@@ -296,6 +296,8 @@ class Trainer:
             i = s.step_in_epoch * cfg.batch_size
             index = self.ranks.shard(order[i: i + cfg.batch_size])
             stopping = self.step(self.train_split.batch(index, self.generator), stop.received is not None)
+            if not self.ranks.active:  # alone, a signal that arrived during the step stops after it
+                stopping = stop.received is not None
             bar.update()
             if s.step_in_epoch % REPORT_EVERY == 0:
                 bar.set_postfix({k.removeprefix("train_"): f"{v:.2f}" for k, v in s.means().items()
