@@ -219,6 +219,7 @@ class Trainer:
         advice = f"Lower train.lr (e.g. --set train.lr={self.cfg.lr / 3:.3g}) and run the same command again"
         if self.last_checkpoint_step == self.objective.context.step and self.ranks.is_main:
             discard_newest(self.run.checkpoint)
+        self.ranks.barrier()  # every rank found it at this step: none leaves before the others have
         if self.run.checkpoint.is_file():
             saved = load_checkpoint(self.run.checkpoint)
             return TrainingDivergedError(
