@@ -48,12 +48,13 @@ def summarise(run: RunDir) -> dict:
 
 def headline_evaluation(report: dict) -> dict:
     """The run's evaluation to compare: of the latest checkpoint's
-    evaluations over a whole split, the test split's with the largest K
+    evaluations over a whole split, the test split's with the largest K, the newest of equals
     (reports written before evaluations were kept have only ``eval``)."""
     evaluations = report.get("evaluations") or [report["eval"]]
     latest = max(e.get("epoch", 0) for e in evaluations)
     whole = [e for e in evaluations if not e.get("limit") and e.get("epoch", 0) == latest] or evaluations
-    return max(whole, key=lambda e: (e["split"] == "test", e["iw_samples"], e.get("evaluated", "")))
+    order = {id(e): i for i, e in enumerate(evaluations)}  # later in the list = newer (the clock has seconds only)
+    return max(whole, key=lambda e: (e["split"] == "test", e["iw_samples"], order[id(e)]))
 
 
 def table(rows: list[dict], labels: list[str]) -> str:
