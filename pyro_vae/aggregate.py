@@ -56,6 +56,19 @@ def factorised(site: dict) -> Distribution:
                       f"{type(fn).__name__}")
 
 
+def single_factorised_latent(guide_trace, user: str) -> tuple[dict, Distribution]:
+    """The guide trace's one continuous (reparameterized) latent site and its
+    per-dimension distribution (:func:`factorised`); ``user`` names who needs
+    it in the error otherwise."""
+    from pyro_vae.traces import is_reparameterized, latent_sites
+
+    sites = list(latent_sites(guide_trace))
+    if len(sites) != 1 or not is_reparameterized(sites[0][1]):
+        raise ConfigError(f"{user} needs a guide with one continuous latent site; this guide has "
+                          f"{[name for name, _ in sites]}")
+    return sites[0][1], factorised(sites[0][1])
+
+
 def pairwise_log_density(base: Distribution, z: torch.Tensor) -> torch.Tensor:
     """``log q(z_id | x_j)`` for every pair: ``base`` of batch ``[..., Bj, D]``
     (broadcastable), ``z`` of shape ``[Bi, D]`` -> ``[Bi, Bj, D]``."""

@@ -30,10 +30,9 @@ import pyro
 import torch
 from tqdm.auto import tqdm
 
-from pyro_vae.aggregate import aggregate_log_densities, factorised, kl_terms, pairwise_log_density, \
+from pyro_vae.aggregate import aggregate_log_densities, kl_terms, pairwise_log_density, single_factorised_latent, \
     uniform_log_weights
-from pyro_vae.errors import ConfigError
-from pyro_vae.traces import draw_particles, is_reparameterized, latent_sites, max_plate_nesting
+from pyro_vae.traces import draw_particles, max_plate_nesting
 
 ACTIVE_UNIT_THRESHOLD = 0.01
 
@@ -68,12 +67,7 @@ def decompose(model: Callable, guide: Callable, batches: Sequence[torch.Tensor],
             nesting = max_plate_nesting(model, guide, x)
         with pyro.validation_enabled(False):
             particles = draw_particles(model, guide, x, 1, nesting)
-        sites = list(latent_sites(particles.guide_trace))
-        if len(sites) != 1 or not is_reparameterized(sites[0][1]):
-            raise ConfigError("--decompose needs a guide with one continuous latent site; this guide has "
-                              f"{[name for name, _ in sites]}")
-        site = sites[0][1]
-        base = factorised(site)
+        site, base = single_factorised_latent(particles.guide_trace, "--decompose")
         stored.append({
             "z": site["value"].reshape(x.shape[0], -1),
             "base": base,

@@ -35,31 +35,42 @@ def save_samples(model: Callable, event_shape: Sequence[int], path: str | Path, 
     save_image(prior_means(model, n, event_shape).clamp(0, 1), path, nrow=int(n**0.5), padding=2, pad_value=1.0)
 
 
-def save_reconstructions(model: Callable, guide: Callable, x: torch.Tensor, path: str | Path, pairs_per_row: int = 8) -> None:
-    """Pairs (data, reconstruction) side by side, ``pairs_per_row`` pairs a
-    row, each column headed "data" or "recon."."""
+def _save_labelled_grid(images: torch.Tensor, columns: int, path: str | Path, column_labels: Sequence[str],
+                        row_labels: Sequence[str] = (), title: str = "", labels_on_top: bool = False) -> None:
+    """``images`` ``[N, C, H, W]`` in a grid of ``columns``, each column (and
+    row) labelled, saved to ``path``."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    pairs = torch.stack([x, reconstruction_means(model, guide, x)], dim=1).flatten(0, 1).clamp(0, 1)
     pad = 2
-    grid = make_grid(pairs.cpu(), nrow=2 * pairs_per_row, padding=pad, pad_value=1.0)
+    grid = make_grid(images.clamp(0, 1).cpu(), nrow=columns, padding=pad, pad_value=1.0)
     height, width = grid.shape[1:]
-    cell = x.shape[-1] + pad
-    fig, ax = plt.subplots(figsize=(width / 40, height / 40 + 0.35), dpi=100)
+    cell_h, cell_w = images.shape[-2] + pad, images.shape[-1] + pad
+    fig, ax = plt.subplots(figsize=(width / 60 + (1.0 if row_labels else 0.2), height / 60 + 0.4), dpi=100)
     ax.imshow(grid.permute(1, 2, 0).numpy(), interpolation="nearest")
-    ax.set_xticks([pad / 2 + cell * (c + 0.5) for c in range(2 * pairs_per_row)])
-    ax.set_xticklabels(["data", "recon."] * pairs_per_row, fontsize=6)
-    ax.xaxis.tick_top()
+    ax.set_xticks([pad / 2 + cell_w * (c + 0.5) for c in range(columns)])
+    ax.set_xticklabels(column_labels, fontsize=6)
+    ax.set_yticks([pad / 2 + cell_h * (r + 0.5) for r in range(len(row_labels))])
+    ax.set_yticklabels(row_labels, fontsize=7)
+    if labels_on_top:
+        ax.xaxis.tick_top()
     ax.tick_params(length=0)
-    ax.set_yticks([])
     for spine in ax.spines.values():
         spine.set_visible(False)
-    fig.tight_layout(pad=0.1)
+    if title:
+        ax.set_title(title, fontsize=8)
+    fig.tight_layout(pad=0.2)
     fig.savefig(path)
     plt.close(fig)
+
+
+def save_reconstructions(model: Callable, guide: Callable, x: torch.Tensor, path: str | Path, pairs_per_row: int = 8) -> None:
+    """Pairs (data, reconstruction) side by side, ``pairs_per_row`` pairs a
+    row, each column headed "data" or "recon."."""
+    pairs = torch.stack([x, reconstruction_means(model, guide, x)], dim=1).flatten(0, 1)
+    _save_labelled_grid(pairs, 2 * pairs_per_row, path, ["data", "recon."] * pairs_per_row, labels_on_top=True)
 
 
 def save_curves(history: list[dict], path: str | Path) -> None:
@@ -94,12 +105,10 @@ def traversal_means(model: Callable, guide: Callable, x: torch.Tensor, dims: Seq
     """``E[x | z]`` with ``z`` the guide's mean code of the single datapoint
     ``x`` and, row by row, latent ``dims[r]`` set to each of ``values``:
     ``[len(dims) * len(values), *event_shape]``."""
-    from pyro_vae.aggregate import factorised
-    from pyro_vae.traces import latent_sites
+    from pyro_vae.aggregate import single_factorised_latent
 
-    guide_trace = poutine.trace(guide).get_trace(x)
-    (name, site), = latent_sites(guide_trace)
-    code = factorised(site).mean.reshape(1, -1)
+    site, base = single_factorised_latent(poutine.trace(guide).get_trace(x), "latent traversals")
+    name, code = site["name"], base.mean.reshape(1, -1)
     n = len(dims) * len(values)
     z = code.repeat(n, 1)
     for row, dim in enumerate(dims):
@@ -114,29 +123,10 @@ def save_traversals(model: Callable, guide: Callable, x: torch.Tensor, kl_per_di
     """Latent traversals: one row per latent dimension (the ``rows`` with the
     largest KL, labelled with it), each swept over ``values`` while the other
     dimensions keep the guide's mean code of ``x`` (one datapoint)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     order = sorted(range(len(kl_per_dim)), key=lambda d: -kl_per_dim[d])[:rows]
-    images = traversal_means(model, guide, x, order, values, event_shape).clamp(0, 1).cpu()
-    pad = 2
-    grid = make_grid(images, nrow=len(values), padding=pad, pad_value=1.0)
-    cell = event_shape[-2] + pad
-    fig, ax = plt.subplots(figsize=(grid.shape[2] / 60 + 1.0, grid.shape[1] / 60 + 0.4), dpi=100)
-    ax.imshow(grid.permute(1, 2, 0).numpy(), interpolation="nearest")
-    ax.set_yticks([pad / 2 + cell * (r + 0.5) for r in range(len(order))])
-    ax.set_yticklabels([f"z{d} ({kl_per_dim[d]:.1f})" for d in order], fontsize=7)
-    ax.set_xticks([pad / 2 + (event_shape[-1] + pad) * (c + 0.5) for c in range(len(values))])
-    ax.set_xticklabels([f"{v:+.1f}" for v in values], fontsize=7)
-    ax.tick_params(length=0)
-    for spine in ax.spines.values():
-        spine.set_visible(False)
-    ax.set_title("latent traversals (row: dimension, its KL in nats; column: its value)", fontsize=8)
-    fig.tight_layout(pad=0.2)
-    fig.savefig(path)
-    plt.close(fig)
+    _save_labelled_grid(traversal_means(model, guide, x, order, values, event_shape), len(values), path,
+                        [f"{v:+.1f}" for v in values], [f"z{d} ({kl_per_dim[d]:.1f})" for d in order],
+                        title="latent traversals (row: dimension, its KL in nats; column: its value)")
 
 
 def save_kl_bars(kl_per_dim: Sequence[float], path: str | Path) -> None:

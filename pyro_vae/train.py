@@ -40,14 +40,14 @@ from pyro_vae.evaluate import Evaluation, evaluate, mean_elbo
 from pyro_vae.experiment import Experiment
 from pyro_vae.interrupt import StopRequests
 from pyro_vae.objectives import Objective, TrainingContext
-from pyro_vae.aggregate import factorised
+from pyro_vae.aggregate import single_factorised_latent
 from pyro_vae.decompose import decompose as decompose_split
 from pyro_vae.mig import mutual_information_gap
 from pyro_vae.plots import save_curves, save_kl_bars, save_reconstructions, save_samples, save_traversals
 from pyro_vae.rundir import RunDir, checkpoint_tag
 from pyro_vae.schedules import lr_multiplier
 from pyro_vae.tensorboard import TensorBoardLog, check_tensorboard
-from pyro_vae.traces import guide_and_model_traces, is_reparameterized, latent_sites
+from pyro_vae.traces import guide_and_model_traces
 
 log = logging.getLogger("pyro_vae")
 
@@ -415,15 +415,14 @@ def save_latent_pictures(run: RunDir, experiment: Experiment, kl_per_dim: dict[s
     per-dimension KL bars, for a guide with one continuous latent site that
     factorises over its dimensions (nothing otherwise)."""
     x = experiment.data["test"].batch(slice(0, 1))
+    kl = next(iter(kl_per_dim.values()), [])
     with torch.no_grad():
         guide_trace, _ = guide_and_model_traces(experiment.model, experiment.guide, x)
-    sites = list(latent_sites(guide_trace))
-    kl = next(iter(kl_per_dim.values()), [])
-    if len(sites) != 1 or not is_reparameterized(sites[0][1]) or len(kl) < 2:
-        return
     try:
-        factorised(sites[0][1])
+        single_factorised_latent(guide_trace, "latent pictures")
     except ConfigError:
+        return
+    if len(kl_per_dim) != 1 or len(kl) < 2:
         return
     with run.atomic("traversals.png") as path:
         save_traversals(experiment.model, experiment.guide, x, kl, experiment.data.event_shape, path)

@@ -18,13 +18,13 @@ from typing import Literal
 
 import torch
 
-from pyro_vae.aggregate import aggregate_log_densities, factorised, kl_terms, mss_log_weights, mws_log_weights, \
-    pairwise_log_density
+from pyro_vae.aggregate import aggregate_log_densities, kl_terms, mss_log_weights, mws_log_weights, \
+    pairwise_log_density, single_factorised_latent
 from pyro_vae.errors import ConfigError
 from pyro_vae.objectives.base import Objective
 from pyro_vae.objectives.elbo import MeanFieldELBO
 from pyro_vae.registry import OBJECTIVES
-from pyro_vae.traces import draw_particles, is_reparameterized, latent_sites
+from pyro_vae.traces import draw_particles
 
 
 @OBJECTIVES.register("beta")
@@ -68,13 +68,6 @@ class BetaTCELBO(Objective):
         super().__init__(model, guide)
         self.alpha, self.beta, self.gamma, self.estimator = alpha, beta, gamma, estimator
 
-    def _latent(self, guide_trace) -> dict:
-        sites = list(latent_sites(guide_trace))
-        if len(sites) != 1 or not is_reparameterized(sites[0][1]):
-            raise ConfigError(f"beta_tc needs a guide with one reparameterized latent site; it has "
-                              f"{[name for name, _ in sites]}")
-        return sites[0][1]
-
     def log_weights(self, batch_size: int, device) -> torch.Tensor:
         if self.estimator == "mws":
             return mws_log_weights(batch_size, device)
@@ -83,9 +76,9 @@ class BetaTCELBO(Objective):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch = x.shape[0]
         particles = draw_particles(self.model, self.guide, x, 1, self.nesting(x))
-        site = self._latent(particles.guide_trace)
+        site, base = single_factorised_latent(particles.guide_trace, "beta_tc")
         z = site["value"].reshape(batch, -1)
-        log_pairs = pairwise_log_density(factorised(site), z)  # [B, B, D]
+        log_pairs = pairwise_log_density(base, z)  # [B, B, D]
         log_qz, log_qz_dims = aggregate_log_densities(log_pairs, self.log_weights(batch, x.device))
         log_likelihood, log_pz, log_q = particles.log_likelihood()[0], particles.log_prior()[0], particles.log_guide()[0]
         terms = kl_terms(log_q, log_qz, log_qz_dims, log_pz)
