@@ -16,15 +16,14 @@ from typing import Optional
 import pyro
 import pyro.distributions as dist
 import torch
-from pyro.nn import PyroModule
 
-from pyro_vae.nn import Activation, mlp
+from pyro_vae.nn import Activation, PartModule, mlp
 from pyro_vae.registry import GUIDES
 from pyro_vae.traces import DATA_PLATE
 
 
 @GUIDES.register("bernoulli")
-class BernoulliGuide(PyroModule):
+class BernoulliGuide(PartModule):
     """MLP encoder to independent Bernoullis q(z|x) = Bern(sigmoid(MLP(x)))."""
 
     def __init__(

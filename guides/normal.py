@@ -13,10 +13,9 @@ from typing import Optional
 import pyro
 import pyro.distributions as dist
 import torch
-from pyro.nn import PyroModule
 from torch.nn.functional import softplus
 
-from pyro_vae.nn import Activation, mlp
+from pyro_vae.nn import Activation, PartModule, mlp
 from pyro_vae.registry import GUIDES
 from pyro_vae.traces import DATA_PLATE
 
@@ -24,7 +23,7 @@ MIN_SCALE = 1e-4
 
 
 @GUIDES.register("normal")
-class DiagonalNormalGuide(PyroModule):
+class DiagonalNormalGuide(PartModule):
     """MLP encoder to a diagonal Gaussian q(z|x) = N(mu(x), diag sigma(x)^2)."""
 
     def __init__(

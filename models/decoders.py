@@ -18,16 +18,15 @@ from typing import Callable, Optional
 import pyro
 import pyro.distributions as dist
 import torch
-from pyro.nn import PyroModule
 
 from pyro_vae.distributions import BernoulliVector
-from pyro_vae.nn import Activation, mlp
+from pyro_vae.nn import Activation, PartModule, mlp
 from pyro_vae.registry import MODELS
 from pyro_vae.traces import DATA_PLATE, OBSERVED_SITE
 
 
 @MODELS.register("mlp")
-class MLPDecoder(PyroModule):
+class MLPDecoder(PartModule):
     """MLP decoder, Bernoulli pixels: p(x|z) = Bern(sigmoid(MLP(z))), z from the prior."""
 
     def __init__(

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import pyro.distributions as dist
 import torch
-from pyro.nn import PyroModule
 
+from pyro_vae.nn import PartModule
 from pyro_vae.registry import PRIORS
 
 
 @PRIORS.register("standard_normal")
-class StandardNormalPrior(PyroModule):
+class StandardNormalPrior(PartModule):
     """Isotropic Gaussian p(z) = N(0, I)."""
 
     def __init__(self, latent_dim: int):
@@ -24,7 +24,7 @@ class StandardNormalPrior(PyroModule):
 
 
 @PRIORS.register("bernoulli")
-class BernoulliPrior(PyroModule):
+class BernoulliPrior(PartModule):
     """Independent Bernoullis p(z) = prod_i Ber(z_i; sigmoid(a_i)); a = 0 (fair coins) or learned."""
 
     def __init__(self, latent_dim: int, learned: bool = False):

@@ -3,12 +3,65 @@ likelihood written for speed in the IS hot path, and a wrapper that switches
 the reparameterization trick off."""
 from __future__ import annotations
 
+import functools
+
 import pyro.distributions as dist
 import torch
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
 from torch.distributions import register_kl
-from torch.nn.functional import logsigmoid, softplus
+from torch.overrides import handle_torch_function, has_torch_function
+from torch.nn.functional import logsigmoid
+
+MAX_GROUP = 64  # a product of up to 64 factors in (1, 2] stays below 2^64, far inside float32's range
+
+
+@functools.lru_cache(maxsize=None)
+def _group_size(dim: int) -> int:
+    """The largest divisor of ``dim`` not above :data:`MAX_GROUP`."""
+    return max(g for g in range(1, min(dim, MAX_GROUP) + 1) if dim % g == 0)
+
+
+class SoftplusSum(torch.autograd.Function):
+    """``sum_d softplus(l_d)`` over the last dim of ``l``, the log-normaliser
+    of independent Bernoullis with logits ``l``, computed as::
+
+        softplus(l) = log(1 + e^l) = max(l, 0) + log(1 + e^{-|l|})
+        sum_d log(1 + e^{-|l_d|}) = sum_groups log prod_{d in group} (1 + e^{-|l_d|})
+
+    Each factor lies in ``(1, 2]``, so a group's product of at most 64 of
+    them neither overflows nor underflows, and one ``log`` per group replaces
+    a ``log1p`` per element: on the CPU torch's ``log1p`` runs at about 1/15
+    the rate of ``exp``, and it dominated both the training step and the IS
+    evaluation of image models.  The result differs from
+    ``softplus(l).sum(-1)`` by float32 rounding (about 1e-7 relative per
+    factor).  The gradient is ``sigmoid(l)``, exactly, at ``l = 0`` too."""
+
+    @staticmethod
+    def forward(logits: torch.Tensor) -> torch.Tensor:
+        dim = logits.shape[-1]
+        group = _group_size(dim)
+        factors = torch.exp(-logits.abs()).add_(1)
+        log_factors = factors.reshape(*logits.shape[:-1], dim // group, group).prod(-1).log_().sum(-1)
+        return logits.clamp(min=0).sum(-1).add_(log_factors)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output) -> None:
+        ctx.save_for_backward(inputs[0])
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        (logits,) = ctx.saved_tensors
+        return grad.unsqueeze(-1) * torch.sigmoid(logits)
+
+
+def softplus_sum(logits: torch.Tensor) -> torch.Tensor:
+    """``sum_d log(1 + exp(l_d))`` over the last dim (see :class:`SoftplusSum`).
+    Tensor subclasses (Pyro's provenance-tracking tensors) get their
+    ``__torch_function__``, as for any torch op."""
+    if has_torch_function((logits,)):
+        return handle_torch_function(softplus_sum, (logits,), logits)
+    return SoftplusSum.apply(logits)
 
 
 class BernoulliVector(dist.Independent):
@@ -18,8 +71,9 @@ class BernoulliVector(dist.Independent):
 
     Equal to ``Bernoulli(logits=l).to_event(1)``, but ``log_prob`` contracts
     ``x`` against ``l`` with one einsum instead of broadcasting ``x`` to the
-    logits' shape: with ``K`` importance samples the logits are ``[K, B, D]``
-    while the data are ``[B, D]``.
+    logits' shape (with ``K`` importance samples the logits are ``[K, B, D]``
+    while the data are ``[B, D]``), and sums the softplus with one ``log``
+    per group of pixels (:func:`softplus_sum`).
     """
 
     def __init__(self, logits: torch.Tensor, validate_args=None):
@@ -42,7 +96,7 @@ class BernoulliVector(dist.Independent):
             fit = torch.einsum("s...d,...d->s...", samples, value).reshape(logits.shape[:-1])
         else:
             fit = (value * logits).sum(-1)
-        return fit - softplus(logits).sum(-1)
+        return fit - softplus_sum(logits)
 
 
 class WithoutRsample(dist.Independent):

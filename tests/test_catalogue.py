@@ -53,3 +53,33 @@ def test_bernoulli_kl_is_finite_and_exact_for_saturated_logits():
     expected = q * (q.log() - lp1) + (1 - q) * ((1 - q).log() - lp0)
     assert torch.isfinite(kl).all()
     assert torch.allclose(kl.double(), expected, rtol=1e-4)
+
+
+def test_parts_reach_their_networks_without_param_messages():
+    """A PartModule hands its plain nn.Module children over as they are: no
+    per-parameter `param` message each step; PyroModule children (the prior,
+    with its learned logits) and PyroSample attributes keep Pyro's behaviour."""
+    import pyro.distributions as dist
+    from pyro.nn import PyroSample
+
+    from pyro_vae.nn import PartModule
+
+    prior = registry.PRIORS.build("bernoulli", {"learned": True}, latent_dim=2)
+    model = registry.MODELS.build("mlp", {"latent_dim": 2, "hidden": [3]}, prior=prior, event_shape=(4,))
+    trace = poutine.trace(model).get_trace(torch.ones(5, 4))
+    params = [name for name, site in trace.nodes.items() if site["type"] == "param"]
+    assert params == ["prior.logits"]  # the decoder's six tensors send no message
+    assert model.decoder is model._modules["decoder"]
+
+    class Scaled(PartModule):
+        def __init__(self):
+            super().__init__()
+            self.net = torch.nn.Linear(1, 1)
+            self.scale = PyroSample(dist.LogNormal(0.0, 1.0))
+
+        def forward(self):
+            return self.net(torch.ones(1)) * self.scale
+
+    scaled = Scaled()
+    trace = poutine.trace(scaled).get_trace()
+    assert [name for name, site in trace.nodes.items() if site["type"] == "sample"] == ["scale"]
