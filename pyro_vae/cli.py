@@ -4,7 +4,7 @@
 
     pyro-vae train CONFIG [--set section.key=value ...] [--run-dir DIR] [--overwrite] [--no-eval]
                           [--from-previous-checkpoint]
-    pyro-vae evaluate RUN_DIR [--iw-samples K] [--split test] [--limit N] [--chunk-size C] [--device D]
+    pyro-vae evaluate RUN_DIR [--iw-samples K] [--split test] [--limit N] [--chunk-size C|auto] [--device D]
     pyro-vae list
 
 Exit codes: 0 done; 2 bad input (config, data, checkpoint, run directory:
@@ -47,6 +47,11 @@ def _train(args: argparse.Namespace) -> None:
 def _given(value, default):
     """The command-line value where one was given (0 included), else the config's."""
     return default if value is None else value
+
+
+def chunk_size(text: str) -> int | str:
+    """An argparse type: ``auto`` or an integer >= 1."""
+    return text if text == "auto" else positive_int(text)
 
 
 def positive_int(text: str) -> int:
@@ -118,7 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="K importance samples per datapoint (K=1 gives the ELBO; PSIS k-hat needs K >= 25)")
     ev.add_argument("--split", choices=["train", "valid", "test"])
     ev.add_argument("--limit", type=positive_int, help="only the first N datapoints")
-    ev.add_argument("--chunk-size", type=positive_int, help="samples drawn at once (bounds memory)")
+    ev.add_argument("--chunk-size", type=chunk_size,
+                    help='samples drawn at once (bounds memory); "auto": sized for the device')
     ev.add_argument("--batch-size", type=positive_int, help="datapoints evaluated at once")
     ev.add_argument("--decompose", action="store_true",
                     help="split the KL into index-code MI, total correlation and dimension-wise KL over the split "

@@ -11,7 +11,7 @@ setting its options, and two fixed sections::
     [guide]      name = "normal"          hidden = [200, 200]
     [objective]  name = "meanfield_elbo"  num_particles = 1
     [train]      epochs = 10  batch_size = 100  lr = 1e-3  device = "auto"  seed = 0
-    [eval]       iw_samples = 1000  chunk_size = 500  batch_size = 100  split = "test"
+    [eval]       iw_samples = 1000  chunk_size = "auto"  batch_size = 100  split = "test"
 
 A component's options are checked against its factory's signature (see
 :mod:`pyro_vae.registry`); ``train`` and ``eval`` are checked here.  Every
@@ -29,7 +29,7 @@ from __future__ import annotations
 import re
 import tomllib
 from pathlib import Path
-from typing import Any, Iterable, Literal, Optional
+from typing import Any, Iterable, Literal, Optional, Union
 
 import pydantic
 import tomli_w
@@ -67,21 +67,30 @@ class TrainConfig(_Strict):
     lr_schedule: Literal["constant", "burda", "cosine"] = Field(
         "constant", description="constant | burda (10^(-i/7) for 3^i epochs) | cosine (to 0 over train.epochs)")
     warmup_steps: int = Field(0, ge=0, description="steps of linear learning-rate warm-up")
+    compile: bool = Field(False, description="run the model's and guide's networks through torch.compile")
 
 
 RESUMABLE_TRAIN_KEYS = frozenset(
     {"epochs", "lr", "device", "checkpoint_minutes", "max_bad_steps", "divergence_factor", "tensorboard",
-     "lr_schedule", "warmup_steps"})
+     "lr_schedule", "warmup_steps", "compile"})
 
 
 class EvalConfig(_Strict):
     iw_samples: int = Field(1000, ge=1, description="K in the importance-sampled log-likelihood")
-    chunk_size: int = Field(500, ge=1, description="samples drawn at once; bounds memory")
+    chunk_size: Union[int, str] = Field(
+        "auto", description='samples drawn at once (bounds memory); "auto": sized for the device')
     batch_size: int = Field(100, ge=1, description="datapoints evaluated at once")
     split: Literal["train", "valid", "test"] = "test"
     limit: Optional[int] = Field(None, ge=1, description="evaluate the first N datapoints")
     decompose: bool = Field(False, description="also split the KL into index-code MI, total correlation, "
                                                "dimension-wise KL (and MIG where the data have factors)")
+
+    @pydantic.field_validator("chunk_size", mode="before")
+    @classmethod
+    def _auto_or_positive(cls, value: Any) -> Union[int, str]:
+        if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+            return value
+        raise ValueError(f'should be "auto" or an integer >= 1, not {value!r}')
 
 
 class ExperimentConfig(_Strict):
@@ -204,7 +213,9 @@ def _describe(error: dict) -> str:
         valid = section.model_fields
         return (f"{loc}: unknown key.{did_you_mean(str(error['loc'][1]), valid)} "
                 f"Keys of [{error['loc'][0]}]: {', '.join(valid)}")
-    return f"{loc}: " + ("unknown key" if error["type"] == "extra_forbidden" else error["msg"])
+    if error["type"] == "extra_forbidden":
+        return f"{loc}: unknown key"
+    return f"{loc}: " + error["msg"].removeprefix("Value error, ")  # a validator's own message
 
 
 def load_config(path: str | Path, overrides: Iterable[str] = ()) -> ExperimentConfig:

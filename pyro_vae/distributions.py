@@ -69,11 +69,12 @@ class BernoulliVector(dist.Independent):
 
         log p(x | l) = sum_d [x_d l_d - softplus(l_d)]
 
-    Equal to ``Bernoulli(logits=l).to_event(1)``, but ``log_prob`` contracts
-    ``x`` against ``l`` with one einsum instead of broadcasting ``x`` to the
-    logits' shape (with ``K`` importance samples the logits are ``[K, B, D]``
-    while the data are ``[B, D]``), and sums the softplus with one ``log``
-    per group of pixels (:func:`softplus_sum`).
+    Equal to ``Bernoulli(logits=l).to_event(1)``, but ``log_prob`` sums the
+    softplus with one ``log`` per group of pixels (:func:`softplus_sum`)
+    and never builds torch's Bernoulli log-density tensor of the logits'
+    shape.  (A broadcast product ``x * l`` then a sum, 3x faster on the CPU
+    than contracting ``[K, B, D]`` logits against ``[B, D]`` data with
+    ``einsum``, which copies the logits into another layout.)
     """
 
     def __init__(self, logits: torch.Tensor, validate_args=None):
@@ -90,13 +91,7 @@ class BernoulliVector(dist.Independent):
         if self._validate_args:
             self._validate_sample(value)
         logits = self.logits
-        if value.dim() < logits.dim() and logits.shape[logits.dim() - value.dim():] == value.shape:
-            # data without the sample dims: contract without broadcasting x to the logits
-            samples = logits.reshape(-1, *value.shape)  # [S, *batch, D]
-            fit = torch.einsum("s...d,...d->s...", samples, value).reshape(logits.shape[:-1])
-        else:
-            fit = (value * logits).sum(-1)
-        return fit - softplus_sum(logits)
+        return (value * logits).sum(-1) - softplus_sum(logits)
 
 
 class WithoutRsample(dist.Independent):

@@ -18,13 +18,14 @@ and of the guide, per datapoint of the ``"data"`` plate.  From them:
 
 Samples are drawn ``chunk_size`` at a time, vectorized over a particle plate
 placed left of every plate the model uses, so memory is bounded by
-``chunk_size * batch_size * dim(x)`` whatever ``K`` is.
+``chunk_size * batch_size * dim(x)`` whatever ``K`` is.  ``chunk_size =
+"auto"`` picks it for the device (:func:`cpu_chunk_size`, :func:`cuda_chunked_log_weights`).
 """
 from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Literal, Union
 
 import numpy as np
 import pyro
@@ -46,11 +47,55 @@ def chunk_sizes(total: int, chunk: int) -> list[int]:
     return [min(chunk, total - start) for start in range(0, total, chunk)]
 
 
+ChunkSize = Union[int, Literal["auto"]]
+CPU_CHUNK_ELEMENTS = 4_000_000  # data elements per chunk (chunk x B x dim(x)) on the CPU
+CUDA_MEMORY_FRACTION = 0.5  # of the free GPU memory, for one chunk
+PROBE_SAMPLES = 16  # the first chunk on CUDA, whose peak memory sizes the others
+
+
+def cpu_chunk_size(x: torch.Tensor, num_samples: int) -> int:
+    """Samples per chunk on the CPU: ``chunk x B x dim(x) ~ 4M`` elements.
+
+    The evaluation is memory-bound around its matrix products: each chunk's
+    tensors (the decoder's activations, the logits) are read and written by
+    several elementwise passes, which run from the cache when a tensor holds
+    a few million floats and from main memory when it holds more.  Measured
+    on the Burda model, 100 images a batch, one thread: 130k samples/s with
+    50 samples a chunk, 100k with 100, 48k with 500 (``scripts/benchmark.py``,
+    ``iw_chunks``).  A model whose per-sample tensors are much larger than
+    its data (a language model's vocabulary-sized logits) may set
+    ``eval.chunk_size`` itself."""
+    per_sample = x.numel()
+    return max(1, min(num_samples, CPU_CHUNK_ELEMENTS // max(per_sample, 1)))
+
+
+def cuda_chunked_log_weights(model: Callable, guide: Callable, x: torch.Tensor, num_samples: int,
+                             nesting: int) -> torch.Tensor:
+    """The log weights on a GPU, in chunks as large as half its free memory
+    allows: the first :data:`PROBE_SAMPLES` samples are drawn alone and the
+    peak memory they took, per sample, sizes the rest."""
+    device = x.device
+    first = min(PROBE_SAMPLES, num_samples)
+    torch.cuda.synchronize(device)
+    base = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    pieces = [log_importance_weights(model, guide, x, first, nesting)]
+    per_sample = max(torch.cuda.max_memory_allocated(device) - base, 1) / first
+    free, _ = torch.cuda.mem_get_info(device)
+    chunk = max(1, int(CUDA_MEMORY_FRACTION * free / per_sample))
+    pieces += [log_importance_weights(model, guide, x, k, nesting) for k in chunk_sizes(num_samples - first, chunk)]
+    return torch.cat(pieces)
+
+
 def chunked_log_weights(
-    model: Callable, guide: Callable, x: torch.Tensor, num_samples: int, chunk_size: int, nesting: int
+    model: Callable, guide: Callable, x: torch.Tensor, num_samples: int, chunk_size: ChunkSize, nesting: int
 ) -> torch.Tensor:
     """:func:`~pyro_vae.traces.log_importance_weights` for ``num_samples`` drawn
-    ``chunk_size`` at a time: ``[num_samples, B]``."""
+    ``chunk_size`` at a time (``"auto"``: sized for the device): ``[num_samples, B]``."""
+    if chunk_size == "auto":
+        if x.device.type == "cuda":
+            return cuda_chunked_log_weights(model, guide, x, num_samples, nesting)
+        chunk_size = cpu_chunk_size(x, num_samples)
     return torch.cat([log_importance_weights(model, guide, x, k, nesting) for k in chunk_sizes(num_samples, chunk_size)])
 
 
@@ -132,7 +177,7 @@ def evaluate(
     guide: Callable,
     batches: Iterable[torch.Tensor],
     num_samples: int,
-    chunk_size: int = 500,
+    chunk_size: ChunkSize = "auto",
     num_batches: int | None = None,
     progress: bool = True,
 ) -> Evaluation:

@@ -10,15 +10,20 @@ CPU (Linux ``/proc``), ``torch.cuda.max_memory_allocated`` on CUDA.
 Cases, on Burda et al.'s MNIST architecture (784-200-200-50, tanh):
 
 - ``train_step``: one Adam step on a batch of 100 with the mean-field ELBO,
-  pyro-vae's trainer step (the ``meanfield_elbo`` objective module, fused Adam, the
-  gradients checked for NaN before the update, the loss for divergence after) vs the
-  same math written by hand, with PyTorch's default Adam and with fused Adam.
+  pyro-vae's trainer step (the ``meanfield_elbo`` objective module, fused
+  Adam, the gradients checked for NaN before the update, the loss for
+  divergence after; eager, and with ``train.compile = true``) vs the same
+  math written by hand, with PyTorch's default Adam and with fused Adam.
 - ``pipeline``: training examples/s of whole pipelines (batches + steps):
   pyro-vae's trainer, a hand-written step on the same batches, the style of
   Pyro's VAE example (``DataLoader`` + ``SVI``), and pythae's ``BaseTrainer``
   (the optional ``benchmark`` extra; skipped with a message without it).
 - ``iw_throughput``: datapoints x samples / s of the IS log-likelihood at
   K = 5000, pyro-vae's evaluator against pythae's ``get_nll``.
+- ``iw_chunks``: the evaluator's throughput (datapoints x samples / s) by
+  samples per chunk, ``auto`` included, on 100 test images;
+- ``flop_limit``: the measured sgemm rate (a 2048 x 2048 product) and the
+  training step's matrix-product FLOPs, hence the fastest a step could be;
 - ``iw_eval``: the importance-sampled log-likelihood of 100 test images with K
   samples; pyro-vae's chunked, particle-plate-vectorized evaluator vs (a) a
   hand-written loop over the K samples with ``torch.distributions``, and
@@ -41,18 +46,21 @@ import torch
 import torch.nn.functional as F
 
 from pyro_vae.config import load_config
-from pyro_vae.evaluate import chunked_log_weights, importance_log_likelihood
+from pyro_vae.evaluate import chunked_log_weights, cpu_chunk_size, importance_log_likelihood
 from pyro_vae.experiment import Experiment, build_model_and_guide
 from pyro_vae.rundir import RunDir
 from pyro_vae.train import Trainer
 
 CONFIG = "configs/mnist_burda.toml"
-CHUNK = 500  # samples drawn at once by pyro-vae's evaluator
+CHUNK = "auto"  # samples drawn at once by pyro-vae's evaluator: sized for the device
+PYTHAE_SAMPLE_BATCH = 500  # samples per batch in pythae's get_nll
 NESTING = 1  # plates of the Gaussian VAE: the data plate only
 
 
-def build(device: str) -> Experiment:
-    return Experiment.build(load_config(CONFIG), torch.device(device))
+def build(device: str, compile: bool = False) -> Experiment:
+    config = load_config(CONFIG)
+    config = config.model_copy(update={"train": config.train.model_copy(update={"compile": compile})})
+    return Experiment.build(config, torch.device(device))
 
 
 def sync(device: str) -> None:
@@ -130,6 +138,9 @@ def train_step_case(device: str, repeats: int) -> dict:
     x = experiment.data["train"].batch(slice(0, 100))
     with tempfile.TemporaryDirectory() as unused:  # the trainer's step writes nothing there
         trainer = Trainer(experiment, RunDir(unused))  # the trainer's own step: guarded, checked, summed
+        compiled = Trainer(build(device, compile=True), RunDir(unused))  # train.compile = true
+        for _ in range(3):
+            compiled.step(x)  # compiles (forward and backward) before the clock starts
         encoder, decoder = copy.deepcopy(experiment.guide.encoder), copy.deepcopy(experiment.model.decoder)
         reference_params = [*encoder.parameters(), *decoder.parameters()]
         reference_optimizers = {
@@ -143,14 +154,16 @@ def train_step_case(device: str, repeats: int) -> dict:
             loss.backward()
             optimizer.step()
 
-        times = {"pyro_vae_ms": [], **{k: [] for k in reference_optimizers}}
+        times = {"pyro_vae_ms": [], "pyro_vae_compiled_ms": [], **{k: [] for k in reference_optimizers}}
         for _ in range(repeats):  # interleaved, so drifts in machine load hit every variant
             times["pyro_vae_ms"].append(median_ms(lambda: trainer.step(x), device, 1, 50))
+            times["pyro_vae_compiled_ms"].append(median_ms(lambda: compiled.step(x), device, 1, 50))
             for key, ref_optimizer in reference_optimizers.items():
                 times[key].append(median_ms(lambda opt=ref_optimizer: reference_step(opt), device, 1, 50))
         out = {"case": "train_step (batch 100)", **{k: round(statistics.median(v), 2) for k, v in times.items()}}
         out["speedup_vs_handwritten"] = round(out["handwritten_torch_ms"] / out["pyro_vae_ms"], 2)
         out["speedup_vs_handwritten_fused_adam"] = round(out["handwritten_torch_fused_adam_ms"] / out["pyro_vae_ms"], 2)
+        out["compiled_speedup"] = round(out["pyro_vae_ms"] / out["pyro_vae_compiled_ms"], 2)
         return out
 
 
@@ -307,11 +320,72 @@ def iw_throughput_case(device: str, num_samples: int, images: int) -> dict:
             print("pythae is not installed (pip install 'pyro-vae[benchmark]'): its rows are skipped")
             return out
         start = time.perf_counter()
-        nll = -vae.get_nll(x, n_samples=num_samples, batch_size=CHUNK)
+        nll = -vae.get_nll(x, n_samples=num_samples, batch_size=PYTHAE_SAMPLE_BATCH)
         sync(device)
         out["pythae_get_nll"] = round(images * num_samples / (time.perf_counter() - start))
         out["nll_pythae"] = round(float(nll), 2)
         out["speedup_vs_pythae"] = round(out["pyro_vae"] / out["pythae_get_nll"], 1)
+    return out
+
+
+def iw_chunks_case(device: str, num_samples: int, seconds: float = 3.0) -> dict:
+    """Evaluator throughput, datapoints x samples / s, by samples per chunk."""
+    experiment = build(device)
+    x = experiment.data["test"].batch(slice(0, 100))
+    model, guide = experiment.model, experiment.guide
+    out = {"case": f"IS throughput by chunk size, datapoints x samples / s (100 images, K={num_samples})"}
+    with torch.no_grad():
+        for chunk in (500, 200, 100, 50, 20, "auto"):
+            chunked_log_weights(model, guide, x, 50, chunk, NESTING)  # warm-up
+            sync(device)
+            start, repeats = time.perf_counter(), 0
+            while time.perf_counter() - start < seconds:
+                chunked_log_weights(model, guide, x, num_samples, chunk, NESTING)
+                repeats += 1
+            sync(device)
+            out[f"chunk_{chunk}"] = round(repeats * num_samples * 100 / (time.perf_counter() - start))
+    if device == "cpu":
+        out["auto_chunk"] = cpu_chunk_size(x, num_samples)
+    return out
+
+
+def matmul_flops(encoder: torch.nn.Module, decoder: torch.nn.Module, batch: int) -> int:
+    """FLOPs of the matrix products of one training step: per ``Linear``
+    layer ``2 B n_in n_out`` forward, as much for the weight gradient and
+    again for the input gradient, save the encoder's first layer (the data
+    need no gradient)."""
+    total = 0
+    for net in (encoder, decoder):
+        for i, layer in enumerate(m for m in net.modules() if isinstance(m, torch.nn.Linear)):
+            passes = 2 if (net is encoder and i == 0) else 3
+            total += passes * 2 * batch * layer.in_features * layer.out_features
+    return total
+
+
+def flop_limit_case(device: str, train_step: dict, pipeline: dict) -> dict:
+    """The measured sgemm rate, the step's matmul FLOPs and the time they
+    take at that rate: the floor no implementation of the step gets under;
+    each measured step (and pipeline, per 100 examples) as a multiple of it."""
+    a = torch.randn(2048, 2048, device=device)
+    for _ in range(2):
+        a @ a
+    sync(device)
+    start, repeats = time.perf_counter(), 0
+    while time.perf_counter() - start < 2.0:
+        a @ a
+        repeats += 1
+    sync(device)
+    gflops = repeats * 2 * 2048**3 / (time.perf_counter() - start) / 1e9
+    experiment = build(device)
+    flops = matmul_flops(experiment.guide.encoder, experiment.model.decoder, 100)
+    floor_ms = flops / (gflops * 1e9) * 1000
+    out = {"case": "FLOP limit of the training step (batch 100)", "sgemm_gflops": round(gflops, 1),
+           "step_matmul_gflop": round(flops / 1e9, 3), "floor_ms": round(floor_ms, 2)}
+    for key in ("pyro_vae_ms", "handwritten_torch_ms", "handwritten_torch_fused_adam_ms"):
+        out[f"{key.removesuffix('_ms')}_x_floor"] = round(train_step[key] / floor_ms, 2)
+    for key in ("pyro_vae", "handwritten_torch", "pyro_example_svi", "pythae_trainer"):
+        if pipeline.get(key):
+            out[f"pipeline_{key}_x_floor"] = round(100 / pipeline[key] * 1000 / floor_ms, 2)
     return out
 
 
@@ -353,7 +427,7 @@ def memory_case(device: str, num_samples: int) -> dict:
         proc.start()
         out[kind] = queue.get()
         proc.join()
-    return {"case": f"iw_eval peak memory growth (100 images, K={num_samples}, chunk {CHUNK})",
+    return {"case": f"iw_eval peak memory growth (100 images, K={num_samples}, chunks {CHUNK})",
             "pyro_vae_MiB": round(out["pyro_vae"], 1),
             "handwritten_all_at_once_MiB": round(out["handwritten_all_at_once"], 1),
             "memory_ratio_handwritten_over_pyro_vae": round(out["handwritten_all_at_once"] / max(out["pyro_vae"], 1e-9), 1)}
@@ -369,9 +443,13 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
+    step = train_step_case(args.device, args.repeats)
+    pipeline = pipeline_case(args.device, args.pipeline_steps)
     results = [
-        train_step_case(args.device, args.repeats),
-        pipeline_case(args.device, args.pipeline_steps),
+        step,
+        pipeline,
+        flop_limit_case(args.device, step, pipeline),
+        iw_chunks_case(args.device, args.iw_samples),
         iw_case(args.device, args.repeats, args.iw_samples),
         iw_throughput_case(args.device, 5000, 10),
         memory_case(args.device, max(args.iw_samples, 5000)),

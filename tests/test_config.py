@@ -52,7 +52,8 @@ def test_overrides_apply(tmp_path):
                               r"batch_size, lr, device, seed, limit, checkpoint_minutes"),
         ("eval", "samples", 3, r"eval.samples: unknown key. Did you mean 'iw_samples'\? Keys of \[eval\]: iw_samples"),
         ("train", "batch_size", 0, r"train.batch_size: Input should be greater than or equal to 1"),
-        ("eval", "chunk_size", 0, r"eval.chunk_size: Input should be greater than or equal to 1"),
+        ("eval", "chunk_size", 0, r'eval.chunk_size: should be "auto" or an integer >= 1, not 0'),
+        ("eval", "chunk_size", "big", r'eval.chunk_size: should be "auto" or an integer >= 1'),
         ("model", "hiden", [10], r"hiden: unknown option. Did you mean 'hidden'\?.*Options of 'mlp': latent_dim, "
                                  r"hidden, activation"),
         ("model", "activation", "sigmoid", r"activation: Input should be 'tanh'"),

@@ -28,6 +28,21 @@ def test_train_and_evaluate_on_cuda(tiny_raw, tmp_path):
 
 
 @requires_cuda
+def test_auto_chunks_on_cuda_probe_then_fill_half_the_free_memory(tiny_raw):
+    """The first 16 samples size the rest; all K log weights come back, finite,
+    and agree with explicit chunks within Monte-Carlo error."""
+    from pyro_vae.evaluate import chunked_log_weights
+
+    experiment = Experiment.build(config_from_dict({**tiny_raw, "train": {**tiny_raw["train"], "device": "cuda"}}))
+    x = experiment.data["test"].batch(slice(0, 20))
+    with torch.no_grad():
+        auto = chunked_log_weights(experiment.model, experiment.guide, x, 3000, "auto", 1)
+        fixed = chunked_log_weights(experiment.model, experiment.guide, x, 3000, 100, 1)
+    assert auto.shape == (3000, 20) and torch.isfinite(auto).all()
+    assert (auto.mean(0) - fixed.mean(0)).abs().max() < 5 * (fixed.std(0) / 3000**0.5).max()
+
+
+@requires_cuda
 @pytest.mark.parametrize("objective", [{"name": "nvil", "baseline_lr": 0.01}, {"name": "disarm"},
                                        {"name": "vimco", "num_particles": 3}, {"name": "relaxed"},
                                        {"name": "straight_through"}, {"name": "meanfield_elbo"},

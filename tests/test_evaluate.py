@@ -11,6 +11,7 @@ from linear_gaussian import LinearGaussianModel, MeanFieldGuide, PosteriorGuide
 from pyro_vae.evaluate import (
     chunk_sizes,
     chunked_log_weights,
+    cpu_chunk_size,
     evaluate,
     importance_log_likelihood,
     kl_per_dimension,
@@ -93,6 +94,20 @@ def test_memory_is_bounded_by_chunk_not_by_k(lg):
                       progress=False)
     assert result.log_likelihood.shape == (40,)
     assert recorder.largest == 100 * 10  # chunk x batch, never K x N
+
+
+def test_auto_chunks_on_the_cpu_hold_about_4m_data_elements(lg, monkeypatch):
+    """chunk x B x dim(x) ~ CPU_CHUNK_ELEMENTS, at least one sample, at most K."""
+    import pyro_vae.evaluate as evaluation
+
+    model, x = lg  # 40 datapoints of dimension 5
+    assert cpu_chunk_size(torch.zeros(100, 1, 28, 28), 5000) == 4_000_000 // 78_400 == 51
+    assert cpu_chunk_size(torch.zeros(100, 1, 28, 28), 20) == 20
+    assert cpu_chunk_size(torch.zeros(10**7, 1), 5000) == 1
+    monkeypatch.setattr(evaluation, "CPU_CHUNK_ELEMENTS", 10 * 5 * 30)
+    recorder = _LargestLikelihood()
+    result = evaluate(recorder(model), PosteriorGuide(model), x.split(10), num_samples=500, progress=False)
+    assert recorder.largest == 30 * 10 and result.log_likelihood.shape == (40,)
 
 
 def test_psis_khat_separates_good_and_bad_proposals(lg):

@@ -62,7 +62,7 @@ def one_error_line(err: str) -> str:
         ("guide.hiden=[3]", r"hiden: unknown option. Did you mean 'hidden'\?"),
         ("prior.name=standard_norml", r"unknown prior 'standard_norml'. Did you mean 'standard_normal'\?"),
         ("train.batch_size=0", r"train.batch_size: Input should be greater than or equal to 1"),
-        ("eval.chunk_size=-2", r"eval.chunk_size: Input should be greater than or equal to 1"),
+        ("eval.chunk_size=-2", r'eval.chunk_size: should be "auto" or an integer >= 1, not -2'),
         ("train.limit=0", r"train.limit: Input should be greater than or equal to 1"),
         ("data.binarization=none", r"the train split has values outside the support.*Set data.binarization"),
         ("data.path=/no/such/dir", r"data.path '/no/such/dir' is not a directory"),
