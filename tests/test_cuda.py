@@ -46,7 +46,7 @@ def test_auto_chunks_on_cuda_probe_then_fill_half_the_free_memory(tiny_raw):
 @pytest.mark.parametrize("objective", [{"name": "nvil", "baseline_lr": 0.01}, {"name": "disarm"},
                                        {"name": "vimco", "num_particles": 3}, {"name": "relaxed"},
                                        {"name": "straight_through"}, {"name": "meanfield_elbo"},
-                                       {"name": "tracegraph_elbo", "baseline": "neural"}])
+                                       {"name": "tracegraph_elbo", "baseline": "neural"}, {"name": "iwae", "num_particles": 3}])
 def test_binary_latent_estimators_train_on_cuda(objective, tiny_raw, tmp_path):
     tiny_raw["data"]["binarization"] = "static"
     tiny_raw["prior"] = {"name": "bernoulli", "learned": True}

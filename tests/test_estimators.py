@@ -60,6 +60,7 @@ UNBIASED = [
     ("nvil", {}),
     ("disarm", {}),
     ("disarm", {"num_pairs": 3}),
+    ("iwae", {"num_particles": 1}),  # L_1 is the ELBO
 ]
 
 
@@ -86,13 +87,16 @@ def test_unbiased_estimators_match_the_exact_elbo_gradient(name, options):
     assert (draws.mean(0) - exact).norm() < 0.1 * exact.norm()
 
 
-def test_vimco_matches_the_exact_gradient_of_the_k_sample_bound():
+@pytest.mark.parametrize("name", ["vimco", "iwae"])
+def test_k_sample_bound_estimators_match_its_exact_gradient(name):
+    """VIMCO and IWAE (here through the score function: binary latents)
+    estimate the gradient of E[L_2], told apart from the ELBO's."""
     pyro.set_rng_seed(2)
     model, guide = enumerable.build()
     x = enumerable.data()
     params = [*model.parameters(), *guide.parameters()]
     exact = enumerable.exact_gradient(model, guide, lambda: enumerable.expected_bound(model, guide, x, 2))
-    objective = build_objective("vimco", {"num_particles": 2}, model, guide, x)
+    objective = build_objective(name, {"num_particles": 2}, model, guide, x)
     z = z_scores(gradient_draws(objective, params, x), exact)
     assert z.abs().max() < Z_LIMIT, z
     elbo_gradient = enumerable.exact_gradient(model, guide, lambda: enumerable.elbo(model, guide, x))
@@ -155,11 +159,40 @@ def test_score_function_and_reparameterized_gradients_match_the_closed_form_elbo
     params = list(guide.parameters())
     exact = torch.cat([g.reshape(-1) for g in torch.autograd.grad(guide.exact_elbo(x).sum(), params)])
     spreads = {}
-    for name, reparameterized in [("trace_elbo", True), ("meanfield_elbo", True), ("trace_elbo", False),
+    for name, reparameterized in [("trace_elbo", True), ("meanfield_elbo", True), ("iwae", True), ("trace_elbo", False),
                                   ("tracegraph_elbo", False), ("nvil", False)]:
         guide.reparameterized = reparameterized
-        objective = build_objective(name, {}, model, guide, x)
+        objective = build_objective(name, {"num_particles": 1} if name == "iwae" else {}, model, guide, x)
         draws = gradient_draws(objective, params, x, draws=200, replicas=200)
         assert z_scores(draws, exact).abs().max() < Z_LIMIT, (name, reparameterized)
         spreads[name, reparameterized] = draws.var(0).sum().item()
     assert spreads["trace_elbo", False] > 10 * spreads["trace_elbo", True]
+
+
+def test_iwae_bound_rises_with_k_towards_log_px_on_the_linear_gaussian_vae():
+    """On the linear-Gaussian VAE: with the exact posterior as guide every
+    w_k = p(x), so the IWAE loss is -log p(x) for any K, without noise; with
+    a mean-field guide E[L_1] is the closed-form ELBO, E[L_K] rises with K
+    (1 < 5 < 50) and stays below log p(x), the gap closing."""
+    from linear_gaussian import MeanFieldGuide, PosteriorGuide
+
+    pyro.set_rng_seed(6)
+    model = LinearGaussianModel()
+    x = model.sample_data(4)
+    log_px = model.marginal().log_prob(x)
+    for k in (1, 7):
+        exact = registry.OBJECTIVES.build("iwae", {"num_particles": k})(model, PosteriorGuide(model))
+        assert torch.allclose(exact(x), -log_px.sum(), rtol=1e-10)
+    guide = MeanFieldGuide(model)
+    replicas, draws = 25, 200
+    batch = x.repeat(replicas, 1)
+    means, errors = {}, {}
+    with torch.no_grad():
+        for k in (1, 5, 50):
+            iwae = registry.OBJECTIVES.build("iwae", {"num_particles": k})(model, guide)
+            totals = torch.stack([-iwae(batch) / replicas for _ in range(draws)])  # each: sum_b L_K(x_b)
+            means[k], errors[k] = totals.mean(), totals.std() / math.sqrt(draws)
+    assert (means[1] - guide.exact_elbo(x).sum()).abs() < 5 * errors[1]
+    assert means[5] - means[1] > 5 * errors[1] and means[50] - means[5] > 5 * errors[5]
+    assert log_px.sum() - means[50] > -5 * errors[50]
+    assert log_px.sum() - means[50] < 0.2 * (log_px.sum() - means[1])
