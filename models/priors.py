@@ -1,9 +1,20 @@
 """Priors p(z): modules returning a distribution with batch shape ``[B]`` and
-the latent as event shape, so a model does ``pyro.sample("z", self.prior(B))``."""
+the latent as event shape, so a model does ``pyro.sample("z", self.prior(B))``.
+
+- ``standard_normal``: ``N(0, I)``;
+- ``learned_normal``: ``N(m, diag s^2)``, ``m`` and ``s = softplus(r)`` learned;
+- ``mog``: ``sum_c pi_c N(m_c, diag s_c^2)``, a learned mixture of ``C``
+  diagonal Gaussians (``pi = softmax(a)``);
+- ``bernoulli``: independent Bernoullis, fair or learned.
+
+No KL to a mixture is registered: ``meanfield_elbo`` then uses the
+one-sample estimate ``log q(z|x) - log p(z)`` (see ``pyro_vae.traces.site_kl``).
+"""
 from __future__ import annotations
 
 import pyro.distributions as dist
 import torch
+from torch.nn.functional import softplus
 
 from pyro_vae.nn import PartModule
 from pyro_vae.registry import PRIORS
@@ -21,6 +32,43 @@ class StandardNormalPrior(PartModule):
 
     def forward(self, batch_size: int) -> dist.TorchDistribution:
         return dist.Normal(self.loc, self.scale).expand([batch_size, self.loc.shape[-1]]).to_event(1)
+
+
+@PRIORS.register("learned_normal")
+class LearnedNormalPrior(PartModule):
+    """Learned diagonal Gaussian p(z) = N(m, diag softplus(r)^2), starting at N(0, I)."""
+
+    def __init__(self, latent_dim: int):
+        super().__init__()
+        self.loc = torch.nn.Parameter(torch.zeros(latent_dim))
+        self.raw_scale = torch.nn.Parameter(torch.full((latent_dim,), _SOFTPLUS_INVERSE_OF_1))
+
+    def forward(self, batch_size: int) -> dist.TorchDistribution:
+        return dist.Normal(self.loc, softplus(self.raw_scale)).expand([batch_size, self.loc.shape[-1]]).to_event(1)
+
+
+_SOFTPLUS_INVERSE_OF_1 = 0.5413248546129181  # log(e - 1)
+
+
+@PRIORS.register("mog")
+class MixtureOfGaussiansPrior(PartModule):
+    """Learned mixture of C diagonal Gaussians p(z) = sum_c pi_c N(m_c, diag s_c^2)."""
+
+    def __init__(self, latent_dim: int, components: int = 10, init_spread: float = 1.0):
+        """
+        :param components: ``C``, the number of Gaussians.
+        :param init_spread: the standard deviation of the initial means
+            (drawn from ``N(0, init_spread^2)``; scales start at 1, weights equal).
+        """
+        super().__init__()
+        self.locs = torch.nn.Parameter(init_spread * torch.randn(components, latent_dim))
+        self.raw_scales = torch.nn.Parameter(torch.full((components, latent_dim), _SOFTPLUS_INVERSE_OF_1))
+        self.logits = torch.nn.Parameter(torch.zeros(components))
+
+    def forward(self, batch_size: int) -> dist.TorchDistribution:
+        components = dist.Normal(self.locs, softplus(self.raw_scales)).to_event(1)
+        mixture = dist.MixtureSameFamily(dist.Categorical(logits=self.logits), components)
+        return mixture.expand([batch_size])
 
 
 @PRIORS.register("bernoulli")
