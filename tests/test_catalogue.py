@@ -122,6 +122,7 @@ def test_learned_normal_prior_starts_standard_and_learns():
     ({"name": "learned_normal"}, {"name": "normal", "hidden": [64]}),
     ({"name": "mog", "components": 4}, {"name": "normal", "hidden": [64]}),
     ({"name": "standard_normal"}, {"name": "iaf", "hidden": [64], "context_dim": 16, "flow_hidden": [16]}),
+    ({"name": "standard_normal"}, {"name": "lowrank_normal", "hidden": [64], "rank": 2}),
 ])
 def test_new_priors_and_guides_train_and_evaluate_with_the_mlp_decoder(prior, guide, tiny_raw, tmp_path):
     """One epoch of meanfield_elbo (a mixture prior or a flow guide has no
@@ -173,3 +174,18 @@ def test_iaf_guide_density_is_the_change_of_variables_formula():
     assert torch.allclose(inverted, q.log_prob(z), atol=1e-6)
     assert (z - z0).abs().max() > 1e-3
     assert q.rsample().shape == (3, 4) and q.has_rsample
+
+
+def test_lowrank_guide_is_the_gaussian_with_covariance_f_ft_plus_diagonal():
+    """Its density against a full-covariance MultivariateNormal built from the
+    encoder's outputs by hand."""
+    guide = registry.GUIDES.build("lowrank_normal", {"hidden": [8], "rank": 2}, event_shape=(5,), latent_dim=3)
+    x = torch.randn(4, 5)
+    out = guide.encoder(x)
+    loc, diag, factor = out[:, :3], softplus(out[:, 3:6]) + 1e-4, out[:, 6:].reshape(4, 3, 2)
+    cov = factor @ factor.transpose(-1, -2) + torch.diag_embed(diag)
+    z = torch.randn(4, 3)
+    expected = torch.distributions.MultivariateNormal(loc, cov).log_prob(z)
+    assert torch.allclose(guide.distribution(x).log_prob(z), expected, atol=1e-5)
+    trace = poutine.trace(guide).get_trace(x)
+    assert trace.nodes["z"]["value"].shape == (4, 3) and trace.nodes["z"]["fn"].has_rsample
