@@ -36,8 +36,11 @@ class DiagonalNormalGuide(PartModule):
         super().__init__()
         self.encoder = mlp(math.prod(event_shape), hidden, 2 * latent_dim, activation)
 
+    def distribution(self, x: torch.Tensor) -> dist.TorchDistribution:
+        """``q(z | x)`` for the batch ``x``: batch shape ``[B]``, event ``[D]``."""
+        loc, raw_scale = self.encoder(x.reshape(x.shape[0], -1)).chunk(2, dim=-1)
+        return dist.Normal(loc, softplus(raw_scale) + MIN_SCALE).to_event(1)
+
     def forward(self, x: torch.Tensor, batch_size: Optional[int] = None) -> None:
-        batch_size = x.shape[0]
-        loc, raw_scale = self.encoder(x.reshape(batch_size, -1)).chunk(2, dim=-1)
-        with pyro.plate(DATA_PLATE, batch_size):
-            pyro.sample("z", dist.Normal(loc, softplus(raw_scale) + MIN_SCALE).to_event(1))
+        with pyro.plate(DATA_PLATE, x.shape[0]):
+            pyro.sample("z", self.distribution(x))

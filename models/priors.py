@@ -5,6 +5,8 @@ the latent as event shape, so a model does ``pyro.sample("z", self.prior(B))``.
 - ``learned_normal``: ``N(m, diag s^2)``, ``m`` and ``s = softplus(r)`` learned;
 - ``mog``: ``sum_c pi_c N(m_c, diag s_c^2)``, a learned mixture of ``C``
   diagonal Gaussians (``pi = softmax(a)``);
+- ``vamp``: the VampPrior (Tomczak & Welling 2018), ``(1/C) sum_c q(z | u_c)``,
+  the guide's posteriors at ``C`` learned pseudo-inputs;
 - ``bernoulli``: independent Bernoullis, fair or learned.
 
 No KL to a mixture is registered: ``meanfield_elbo`` then uses the
@@ -16,6 +18,7 @@ import pyro.distributions as dist
 import torch
 from torch.nn.functional import softplus
 
+from pyro_vae.errors import ConfigError
 from pyro_vae.nn import PartModule
 from pyro_vae.registry import PRIORS
 
@@ -69,6 +72,45 @@ class MixtureOfGaussiansPrior(PartModule):
         components = dist.Normal(self.locs, softplus(self.raw_scales)).to_event(1)
         mixture = dist.MixtureSameFamily(dist.Categorical(logits=self.logits), components)
         return mixture.expand([batch_size])
+
+
+@PRIORS.register("vamp")
+class VampPrior(PartModule):
+    """VampPrior (Tomczak & Welling 2018): p(z) = (1/C) sum_c q(z | u_c), the guide at C learned pseudo-inputs."""
+
+    def __init__(self, latent_dim: int, guide: torch.nn.Module, event_shape: tuple[int, ...],
+                 pseudo_inputs: int = 500, init_mean: float = 0.13, init_sd: float = 0.01):
+        """
+        :param pseudo_inputs: ``C``.
+        :param init_mean: the pseudo-inputs start at ``N(init_mean, init_sd^2)``
+            per pixel, clamped to ``[0, 1]`` when used (as Tomczak & Welling's
+            hard-tanh does); 0.13 is MNIST's mean pixel.
+        :param init_sd: see ``init_mean``.
+
+        The guide must offer ``distribution(x)`` returning a distribution whose
+        batch shape is ``x``'s first dimension (``normal``, ``lowrank_normal``)
+        and, like every guide, is held apart from the model's modules: its
+        parameters are the guide's, trained through both the guide and the prior.
+        """
+        super().__init__()
+        if not hasattr(guide, "distribution"):
+            raise ConfigError(f"prior 'vamp' needs a guide with a distribution(x) method (the guide's posterior "
+                              f"at the pseudo-inputs); {type(guide).__name__} has none: use guide 'normal' or "
+                              f"'lowrank_normal'")
+        self.pseudo_inputs = torch.nn.Parameter(init_mean + init_sd * torch.randn(pseudo_inputs, *event_shape))
+        self.__dict__["guide"] = guide  # not a submodule: the guide's parameters stay the guide's
+        try:  # the mixture evaluates every component at every z: q(. | u) must broadcast over the u
+            with torch.no_grad():
+                guide.distribution(self.pseudo_inputs[:2]).log_prob(torch.zeros(3, 1, latent_dim))
+        except RuntimeError as exc:
+            raise ConfigError(f"prior 'vamp' needs a guide whose q(z|x) broadcasts over a batch of pseudo-inputs; "
+                              f"{type(guide).__name__}'s does not ({str(exc).splitlines()[0]}): use guide 'normal' "
+                              f"or 'lowrank_normal'") from None
+
+    def forward(self, batch_size: int) -> dist.TorchDistribution:
+        components = self.guide.distribution(self.pseudo_inputs.clamp(0.0, 1.0))
+        weights = dist.Categorical(logits=self.pseudo_inputs.new_zeros(self.pseudo_inputs.shape[0]))
+        return dist.MixtureSameFamily(weights, components).expand([batch_size])
 
 
 @PRIORS.register("bernoulli")

@@ -31,10 +31,17 @@ def build_model_and_guide(config: ExperimentConfig, event_shape: tuple[int, ...]
     latent_dim = config.model.options.get("latent_dim")
     if latent_dim is None:
         raise ConfigError(f"model {config.model.name!r} has no `latent_dim` option; the engine passes it to the prior and guide")
-    prior = registry.PRIORS.build(config.prior.name, config.prior.options, latent_dim=latent_dim)
+    def build_guide():
+        return registry.GUIDES.build(config.guide.name, config.guide.options, event_shape=event_shape,
+                                     latent_dim=latent_dim)
+
+    # a prior built on the guide (the VampPrior) gets it; other priors are built first, as they always were,
+    # so a seed initialises the same parameters
+    guide = build_guide() if registry.PRIORS.accepts(config.prior.name, "guide") else None
+    prior = registry.PRIORS.build(config.prior.name, config.prior.options, latent_dim=latent_dim,
+                                  guide=guide, event_shape=event_shape)
     model = registry.MODELS.build(config.model.name, config.model.options, prior=prior, event_shape=event_shape)
-    guide = registry.GUIDES.build(config.guide.name, config.guide.options, event_shape=event_shape, latent_dim=latent_dim)
-    return model, guide
+    return model, guide if guide is not None else build_guide()
 
 
 @dataclass

@@ -48,12 +48,16 @@ class Registry:
     :param deferred: parameter names passed later: :meth:`build` then returns
         the factory with every other argument bound, to be called with these
         (objectives: ``OBJECTIVES.build(name, options)(model, guide)``).
+    :param optional: parameter names the engine passes only to factories that
+        declare them (a prior built on the guide, as the VampPrior is).
     """
 
-    def __init__(self, kind: str, context: tuple[str, ...] = (), deferred: tuple[str, ...] = ()):
+    def __init__(self, kind: str, context: tuple[str, ...] = (), deferred: tuple[str, ...] = (),
+                 optional: tuple[str, ...] = ()):
         self.kind = kind
         self.deferred = tuple(deferred)
-        self.context = frozenset(context) | frozenset(deferred)
+        self.optional = frozenset(optional)
+        self.context = frozenset(context) | frozenset(deferred) | self.optional
         self._entries: dict[str, Entry] = {}
         self._renamed: dict[str, str] = {}
 
@@ -128,17 +132,23 @@ class Registry:
                 f"[{self.kind}] {name!r}: {problems}. Options of {name!r}: {valid}."
             ) from None
 
+    def accepts(self, name: str, parameter: str) -> bool:
+        """Whether the factory registered as ``name`` takes ``parameter``."""
+        return parameter in inspect.signature(self.get(name).factory).parameters
+
     def build(self, name: str, options: dict[str, Any], **context: Any) -> Any:
         """Call the factory with validated user options and engine context (or,
         for a table with ``deferred`` arguments, bind them and return the factory)."""
         entry = self.get(name)
+        if self.optional:
+            context = {k: v for k, v in context.items() if k not in self.optional or self.accepts(name, k)}
         if self.deferred:
             return functools.partial(entry.factory, **self.validate(name, options), **context)
         return entry.factory(**self.validate(name, options), **context)
 
 
 DATASETS = Registry("dataset", context=("device",))
-PRIORS = Registry("prior", context=("latent_dim",))
+PRIORS = Registry("prior", context=("latent_dim",), optional=("guide", "event_shape"))
 MODELS = Registry("model", context=("prior", "event_shape"))
 GUIDES = Registry("guide", context=("event_shape", "latent_dim"))
 OBJECTIVES = Registry("objective", deferred=("model", "guide"))

@@ -8,6 +8,7 @@ import torch
 from torch.nn.functional import softplus
 
 from pyro_vae import registry
+from pyro_vae.errors import ConfigError
 
 
 def test_normal_guide_scale_is_softplus_plus_a_small_floor():
@@ -123,6 +124,7 @@ def test_learned_normal_prior_starts_standard_and_learns():
     ({"name": "mog", "components": 4}, {"name": "normal", "hidden": [64]}),
     ({"name": "standard_normal"}, {"name": "iaf", "hidden": [64], "context_dim": 16, "flow_hidden": [16]}),
     ({"name": "standard_normal"}, {"name": "lowrank_normal", "hidden": [64], "rank": 2}),
+    ({"name": "vamp", "pseudo_inputs": 20}, {"name": "normal", "hidden": [64]}),
 ])
 def test_new_priors_and_guides_train_and_evaluate_with_the_mlp_decoder(prior, guide, tiny_raw, tmp_path):
     """One epoch of meanfield_elbo (a mixture prior or a flow guide has no
@@ -189,3 +191,36 @@ def test_lowrank_guide_is_the_gaussian_with_covariance_f_ft_plus_diagonal():
     assert torch.allclose(guide.distribution(x).log_prob(z), expected, atol=1e-5)
     trace = poutine.trace(guide).get_trace(x)
     assert trace.nodes["z"]["value"].shape == (4, 3) and trace.nodes["z"]["fn"].has_rsample
+
+
+def test_vamp_prior_is_the_mean_of_the_guide_at_its_pseudo_inputs():
+    """log p(z) = log (1/C) sum_c q(z | u_c), each q(z | u_c) from the guide
+    itself, one pseudo-input at a time; the prior's density reaches the
+    pseudo-inputs and the guide's encoder; the guide is not a submodule of the
+    model (its parameters are not duplicated in the model's state)."""
+    import math as _math
+
+    from pyro_vae.config import config_from_dict
+    from pyro_vae.experiment import build_model_and_guide
+
+    raw = {"data": {"name": "mnist"}, "model": {"name": "mlp", "latent_dim": 3, "hidden": [8]},
+           "prior": {"name": "vamp", "pseudo_inputs": 4}, "guide": {"name": "normal", "hidden": [8]},
+           "objective": {"name": "meanfield_elbo"}}
+    model, guide = build_model_and_guide(config_from_dict(raw), (1, 4, 4))
+    prior = model.prior
+    assert prior.guide is guide and not any(k.startswith("prior.guide") for k in model.state_dict())
+    z = torch.randn(5, 3)
+    densities = torch.stack([guide.distribution(prior.pseudo_inputs[c:c + 1].clamp(0, 1)).log_prob(z)
+                             for c in range(4)])
+    expected = torch.logsumexp(densities, 0) - _math.log(4)
+    log_p = prior(5).log_prob(z)
+    assert torch.allclose(log_p, expected, atol=1e-5)
+    log_p.sum().backward()
+    assert prior.pseudo_inputs.grad.abs().sum() > 0 and guide.encoder[0].weight.grad.abs().sum() > 0
+
+    raw["guide"] = {"name": "bernoulli", "hidden": [8]}
+    with pytest.raises(ConfigError, match=r"prior 'vamp' needs a guide with a distribution\(x\) method.*BernoulliGuide"):
+        build_model_and_guide(config_from_dict(raw), (1, 4, 4))
+    raw["guide"] = {"name": "iaf", "hidden": [8]}
+    with pytest.raises(ConfigError, match=r"prior 'vamp' needs a guide whose q\(z\|x\) broadcasts.*IAFGuide"):
+        build_model_and_guide(config_from_dict(raw), (1, 4, 4))
