@@ -12,7 +12,7 @@ from pyro_vae.config import ExperimentConfig
 from pyro_vae.data import ImageDataset
 from pyro_vae.errors import ConfigError, DataError
 from pyro_vae.objectives import Objective
-from pyro_vae.traces import OBSERVED_SITE, guide_and_model_traces
+from pyro_vae.traces import OBSERVED_SITE, guide_and_model_traces, latent_sites
 
 
 def resolve_device(name: str) -> torch.device:
@@ -65,8 +65,32 @@ class Experiment:
         model, guide = model.to(device), guide.to(device)
         objective = registry.OBJECTIVES.build(config.objective.name, config.objective.options)(model, guide)
         experiment = cls(config, device, data, model, guide, objective.to(device))
+        experiment.check_guide_fits_prior()
         experiment.check_data_fits_model()
         return experiment
+
+    def check_guide_fits_prior(self) -> None:
+        """At every latent site the guide must propose values the prior can
+        score, with a density of the same kind: both discrete (probabilities)
+        or both continuous (densities), and the guide's samples inside the
+        prior's support.  A Normal guide for Bernoulli latents, or a Bernoulli
+        guide for Gaussian ones, is refused here, naming both parts."""
+        x = self.data["train"].batch(slice(0, 2))
+        with torch.no_grad(), pyro.validation_enabled(False):
+            guide_trace, model_trace = guide_and_model_traces(self.model, self.guide, x)
+        for name, q_site in latent_sites(guide_trace):
+            q, p = q_site["fn"], model_trace.nodes[name]["fn"]
+            if q.support.is_discrete != p.support.is_discrete or not bool(p.support.check(q_site["value"]).all()):
+                def kind(d) -> str:
+                    family = type(getattr(d, "base_dist", d)).__name__
+                    return f"{'discrete' if d.support.is_discrete else 'continuous'} {family}"
+
+                raise ConfigError(
+                    f"guide {self.config.guide.name!r} draws latent {name!r} from a {kind(q)}, but prior "
+                    f"{self.config.prior.name!r} is a {kind(p)}: the guide must propose values the prior "
+                    f"scores, with the same kind of density. Pair prior 'bernoulli' with guide 'bernoulli', and "
+                    f"continuous priors with a continuous guide ('normal', 'lowrank_normal', 'iaf')."
+                )
 
     def check_data_fits_model(self) -> None:
         """Every value of every split must lie in the support of the model's

@@ -224,3 +224,19 @@ def test_vamp_prior_is_the_mean_of_the_guide_at_its_pseudo_inputs():
     raw["guide"] = {"name": "iaf", "hidden": [8]}
     with pytest.raises(ConfigError, match=r"prior 'vamp' needs a guide whose q\(z\|x\) broadcasts.*IAFGuide"):
         build_model_and_guide(config_from_dict(raw), (1, 4, 4))
+
+
+@pytest.mark.parametrize("prior,guide,message", [
+    ("bernoulli", "normal", "guide 'normal' draws latent 'z' from a continuous Normal, but prior 'bernoulli' is a "
+                            "discrete Bernoulli"),
+    ("standard_normal", "bernoulli", "guide 'bernoulli' draws latent 'z' from a discrete Bernoulli, but prior "
+                                     "'standard_normal' is a continuous Normal"),
+])
+def test_a_guide_that_does_not_fit_the_prior_is_refused_naming_both(prior, guide, message, tiny_raw):
+    from pyro_vae.config import config_from_dict
+    from pyro_vae.experiment import Experiment
+
+    tiny_raw["prior"], tiny_raw["guide"] = {"name": prior}, {"name": guide}
+    tiny_raw["train"]["limit"] = 100
+    with pytest.raises(ConfigError, match=message):
+        Experiment.build(config_from_dict(tiny_raw))
