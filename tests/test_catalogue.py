@@ -240,3 +240,49 @@ def test_a_guide_that_does_not_fit_the_prior_is_refused_naming_both(prior, guide
     tiny_raw["train"]["limit"] = 100
     with pytest.raises(ConfigError, match=message):
         Experiment.build(config_from_dict(tiny_raw))
+
+
+@pytest.mark.parametrize("likelihood", ["bernoulli", "continuous_bernoulli", "gaussian"])
+def test_each_likelihood_log_density_against_its_formula(likelihood):
+    """Bernoulli: sum x l - softplus(l); continuous Bernoulli: the Bernoulli
+    term plus log C(l), C(l) = 2 artanh(1 - 2p) / (1 - 2p), p = sigmoid(l)
+    (C(0) = 2); Gaussian: sum log N(x; sigmoid(l), s^2)."""
+    options = {"latent_dim": 2, "hidden": [4], "likelihood": likelihood}
+    if likelihood == "gaussian":
+        options["scale"] = 0.3
+    model = registry.MODELS.build("mlp", options, prior=registry.PRIORS.build("standard_normal", {}, latent_dim=2),
+                                  event_shape=(5,))
+    logits = torch.tensor([[0.0, 1.5, -2.0, 0.7, -0.1]], dtype=torch.float64)
+    x = torch.tensor([[0.0, 1.0, 0.25, 0.9, 0.5]], dtype=torch.float64)
+    bernoulli_term = (x * logits - softplus(logits)).sum(-1)
+    if likelihood == "bernoulli":
+        x = x.round()
+        expected = (x * logits - softplus(logits)).sum(-1)
+    elif likelihood == "continuous_bernoulli":
+        p = torch.sigmoid(logits)
+        log_c = torch.where(logits == 0, torch.tensor(math.log(2.0), dtype=torch.float64),
+                            torch.log(2 * torch.atanh(1 - 2 * p) / (1 - 2 * p)))
+        expected = bernoulli_term + log_c.sum(-1)
+    else:
+        mean = torch.sigmoid(logits)
+        expected = (-(x - mean) ** 2 / (2 * 0.3**2) - math.log(0.3) - 0.5 * math.log(2 * math.pi)).sum(-1)
+    model = model.double()
+    assert torch.allclose(model.pixels(logits).log_prob(x), expected, atol=1e-6)
+
+
+def test_likelihood_options_are_checked_and_gray_data_train_with_continuous_likelihoods(tiny_raw, tmp_path):
+    from pyro_vae.config import config_from_dict
+    from pyro_vae.experiment import Experiment
+    from pyro_vae.rundir import RunDir
+    from pyro_vae.train import fit
+
+    with pytest.raises(ConfigError, match="model.scale and model.learn_scale are options of the gaussian likelihood"):
+        registry.MODELS.build("mlp", {"learn_scale": True}, prior=None, event_shape=(4,))
+    tiny_raw["data"]["binarization"] = "none"
+    tiny_raw["train"].update(limit=200, epochs=1)
+    for options in ({"likelihood": "continuous_bernoulli"}, {"likelihood": "gaussian", "learn_scale": True}):
+        tiny_raw["model"].update(options)
+        experiment = Experiment.build(config_from_dict(tiny_raw))
+        history = fit(experiment, RunDir(tmp_path / options["likelihood"]), progress=False)
+        assert math.isfinite(history[-1]["valid_elbo"])
+    assert experiment.model.log_scale.requires_grad and not torch.all(experiment.model.log_scale == math.log(0.1))
