@@ -409,7 +409,8 @@ def evaluate_run(experiment: Experiment, split: str, num_samples: int, chunk_siz
         result.extra["decomposition"] = parts.summary()
         if data.labels.dim() == 2:
             result.extra["mig"] = mutual_information_gap(parts.codes, data.labels.cpu().numpy())
-    result.extra.update(split=split, limit=limit, seconds=round(time.perf_counter() - start, 1))
+    result.extra.update(bits_per_dim=experiment.data.bits_per_dim(float(-result.log_likelihood.mean())),
+                        split=split, limit=limit, seconds=round(time.perf_counter() - start, 1))
     return result
 
 

@@ -286,3 +286,13 @@ def test_likelihood_options_are_checked_and_gray_data_train_with_continuous_like
         history = fit(experiment, RunDir(tmp_path / options["likelihood"]), progress=False)
         assert math.isfinite(history[-1]["valid_elbo"])
     assert experiment.model.log_scale.requires_grad and not torch.all(experiment.model.log_scale == math.log(0.1))
+
+    from pyro_vae.train import evaluate_run
+
+    tiny_raw["data"]["binarization"] = "dequantize"  # (v + u) / 256: bits per dimension are defined
+    experiment = Experiment.build(config_from_dict(tiny_raw))
+    fit(experiment, RunDir(tmp_path / "dequantized"), progress=False)
+    result = evaluate_run(experiment, "test", 20, "auto", 50, 100, progress=False)
+    nll, dims = -result.log_likelihood.mean(), 28 * 28
+    assert result.extra["bits_per_dim"] == pytest.approx((nll + dims * math.log(256)) / (dims * math.log(2)))
+    assert math.isfinite(result.extra["bits_per_dim"]) and result.extra["bits_per_dim"] > 0

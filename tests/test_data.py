@@ -126,3 +126,30 @@ def test_dynamic_binarization_draws_ones_with_probability_of_the_gray_level():
     standard_error = (p * (1 - p) / 4000).sqrt()
     assert frequency[0] == 0 and frequency[255] == 1
     assert ((frequency - p).abs() <= 5 * standard_error + 1e-12).all()
+
+
+def test_dequantized_pixels_lie_in_their_bin_fresh_for_train_fixed_for_evaluation():
+    """x = (v + u) / 256: inside [v/256, (v+1)/256), u uniform (mean 1/2),
+    drawn per training batch, fixed (and the same through head/part) for test."""
+    data = gray_dataset("dequantize")
+    v = torch.arange(256, dtype=torch.float32).reshape(256, 1, 1, 1)
+    g = torch.Generator().manual_seed(1)
+    a, b = data["train"].batch(slice(None), g), data["train"].batch(slice(None), g)
+    assert ((a >= v / 256) & (a < (v + 1) / 256)).all() and not torch.equal(a, b)
+    assert abs((a * 256 - v).mean().item() - 0.5) < 0.02
+    test = data["test"]
+    assert torch.equal(test.batch(slice(None)), test.batch(slice(None)))
+    assert torch.equal(test.head(10).batch(slice(None)), test.batch(slice(0, 10)))
+    assert torch.equal(test.part(1, 2).batch(slice(None)), test.batch(slice(128, 256)))
+
+
+def test_bits_per_dim_of_binary_dequantized_and_gray_data():
+    """NLL / (D ln 2) for binary data; (NLL + D ln 256) / (D ln 2) for
+    dequantised data, so the uniform density (NLL 0) costs 8 bits; none for gray."""
+    import math
+
+    dims = 16  # gray_dataset's images are 1 x 4 x 4
+    assert gray_dataset("dynamic").bits_per_dim(dims * math.log(2)) == pytest.approx(1.0)
+    assert gray_dataset("dequantize").bits_per_dim(0.0) == pytest.approx(8.0)
+    assert gray_dataset("dequantize").bits_per_dim(-dims * math.log(2)) == pytest.approx(7.0)
+    assert gray_dataset("none").bits_per_dim(10.0) is None

@@ -10,7 +10,16 @@ likelihood needs:
   deterministic.
 - ``static``: every split drawn once with a fixed seed.
 - ``threshold``: ``x = [v / 255 > 0.5]``.
-- ``none``: gray levels in [0, 1] (for likelihoods on [0, 1]).
+- ``none``: gray levels ``v / 255`` in [0, 1] (for likelihoods on [0, 1]).
+- ``dequantize``: ``x = (v + u) / 256``, ``u ~ U(0, 1)`` per pixel, drawn
+  afresh for each training batch and once (fixed seed) for valid and test:
+  a continuous density ``p`` on [0, 1]^D then bounds the probability of the
+  256-level image, ``log P(v) >= E_u[log p((v + u) / 256)] - D log 256``
+  (Theis et al. 2016), which is what :meth:`ImageDataset.bits_per_dim` reports.
+
+Bits per dimension: ``NLL / (D ln 2)`` for binary data (a probability mass),
+``(NLL + D ln 256) / (D ln 2)`` for dequantised data; undefined for ``none``
+(a density at 256 grid points is not a probability).
 """
 from __future__ import annotations
 
@@ -18,7 +27,10 @@ from typing import Iterator, Literal, Optional
 
 import torch
 
-Binarization = Literal["dynamic", "static", "threshold", "none"]
+import math
+
+Binarization = Literal["dynamic", "static", "threshold", "none", "dequantize"]
+LEVELS = 256
 
 
 class ImageSplit:
@@ -28,11 +40,16 @@ class ImageSplit:
     :param resample: draw ``Bernoulli(pixels / 255)`` per batch (dynamic binarization).
     """
 
-    def __init__(self, pixels: torch.Tensor, labels: torch.Tensor, resample: bool, gray: bool):
+    def __init__(self, pixels: torch.Tensor, labels: torch.Tensor, resample: bool, gray: bool,
+                 dequantize: bool = False, noise: Optional[torch.Tensor] = None):
+        """:param dequantize: ``(v + u) / 256``, ``u`` from ``noise`` (fixed) or
+        drawn per batch when ``noise`` is ``None``."""
         self.pixels = pixels
         self.labels = labels
         self.resample = resample
         self.gray = gray
+        self.dequantize = dequantize
+        self.noise = noise
 
     def __len__(self) -> int:
         return self.pixels.shape[0]
@@ -44,6 +61,10 @@ class ImageSplit:
     def batch(self, index: torch.Tensor | slice, generator: Optional[torch.Generator] = None) -> torch.Tensor:
         """Float images for ``index`` (an index tensor or slice)."""
         x = self.pixels[index].to(torch.get_default_dtype())
+        if self.dequantize:
+            u = self.noise[index].to(x.dtype) if self.noise is not None else \
+                torch.rand(x.shape, device=x.device, generator=generator)
+            return x.add_(u).div_(LEVELS)
         if self.resample:
             return torch.bernoulli(x.div_(255.0), generator=generator)
         return x.div_(255.0) if self.gray else x
@@ -68,11 +89,13 @@ class ImageSplit:
         """The ``index``-th of ``parts`` contiguous, nearly equal parts (a view)."""
         bounds = [len(self) * k // parts for k in range(parts + 1)]
         view = slice(bounds[index], bounds[index + 1])
-        return ImageSplit(self.pixels[view], self.labels[view], self.resample, self.gray)
+        return ImageSplit(self.pixels[view], self.labels[view], self.resample, self.gray, self.dequantize,
+                          self.noise[view] if self.noise is not None else None)
 
     def head(self, n: int) -> "ImageSplit":
         """The first ``n`` datapoints (a view, no copy)."""
-        return ImageSplit(self.pixels[:n], self.labels[:n], self.resample, self.gray)
+        return ImageSplit(self.pixels[:n], self.labels[:n], self.resample, self.gray, self.dequantize,
+                          self.noise[:n] if self.noise is not None else None)
 
 
 class ImageDataset:
@@ -88,10 +111,10 @@ class ImageDataset:
         device: torch.device,
         seed: int = 0,
     ):
-        if binarization not in ("dynamic", "static", "threshold", "none"):
+        if binarization not in ("dynamic", "static", "threshold", "none", "dequantize"):
             raise ValueError(f"unknown binarization {binarization!r}")
         self.binarization = binarization
-        self.binary = binarization != "none"
+        self.binary = binarization not in ("none", "dequantize")
         fixed = torch.Generator().manual_seed(seed)
         self.splits: dict[str, ImageSplit] = {}
         for name, (pixels, labels) in splits.items():
@@ -105,8 +128,21 @@ class ImageDataset:
             elif binarization == "static" or (binarization == "dynamic" and not resample):
                 pixels = torch.bernoulli(pixels.double() / 255.0, generator=fixed).to(torch.uint8)
             gray = binarization == "none"
-            self.splits[name] = ImageSplit(pixels.to(device), labels.to(device), resample, gray)
+            dequantize = binarization == "dequantize"
+            noise = torch.rand(pixels.shape, generator=fixed).to(device) if dequantize and name != "train" else None
+            self.splits[name] = ImageSplit(pixels.to(device), labels.to(device), resample, gray, dequantize, noise)
         self.event_shape = tuple(next(iter(self.splits.values())).pixels.shape[1:])
 
     def __getitem__(self, split: str) -> ImageSplit:
         return self.splits[split]
+
+    def bits_per_dim(self, nll: float) -> Optional[float]:
+        """A negative log-likelihood in nats per image as bits per dimension
+        (see the module docstring); ``None`` for gray levels that were not
+        dequantised."""
+        dims = math.prod(self.event_shape)
+        if self.binarization == "none":
+            return None
+        if self.binarization == "dequantize":
+            nll = nll + dims * math.log(LEVELS)
+        return nll / (dims * math.log(2))
