@@ -1,0 +1,61 @@
+"""Every registered prior x guide x likelihood: the combinations meant to work
+take a training step and an evaluation with finite numbers; the others are
+refused when the experiment is built, with an error naming both parts."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from pyro_vae import registry
+from pyro_vae.config import config_from_dict
+from pyro_vae.errors import ConfigError
+from pyro_vae.evaluate import evaluate
+from pyro_vae.experiment import Experiment
+
+SMALL = {"standard_normal": {}, "learned_normal": {}, "mog": {"components": 3}, "vamp": {"pseudo_inputs": 5},
+         "bernoulli": {"learned": True}}
+GUIDE_OPTIONS = {"normal": {}, "lowrank_normal": {"rank": 2}, "iaf": {"context_dim": 8, "flow_hidden": [8]},
+                 "bernoulli": {}}
+CONTINUOUS_GUIDES = ("normal", "lowrank_normal", "iaf")
+
+
+def refusal(prior: str, guide: str):
+    """The message expected when the pair cannot work, else None."""
+    if prior == "vamp" and guide == "bernoulli":
+        return r"prior 'vamp' needs a guide with a distribution\(x\) method"
+    if prior == "vamp" and guide == "iaf":
+        return r"prior 'vamp' needs a guide whose q\(z\|x\) broadcasts"
+    if (prior == "bernoulli") != (guide == "bernoulli"):
+        return rf"guide '{guide}' draws latent 'z' from a .*, but prior '{prior}' is a"
+    return None
+
+
+def test_the_catalogue_is_what_this_test_covers():
+    registry.load_catalogue()
+    assert set(registry.PRIORS.names()) == set(SMALL) and set(registry.GUIDES.names()) == set(GUIDE_OPTIONS)
+
+
+@pytest.mark.parametrize("likelihood", ["bernoulli", "continuous_bernoulli", "gaussian"])
+@pytest.mark.parametrize("guide", list(GUIDE_OPTIONS))
+@pytest.mark.parametrize("prior", list(SMALL))
+def test_every_combination_trains_and_evaluates_or_is_refused(prior, guide, likelihood, tiny_raw):
+    tiny_raw["prior"] = {"name": prior, **SMALL[prior]}
+    tiny_raw["guide"] = {"name": guide, "hidden": [16], **GUIDE_OPTIONS[guide]}
+    tiny_raw["model"] = {"name": "mlp", "latent_dim": 4, "hidden": [16], "likelihood": likelihood}
+    tiny_raw["data"]["binarization"] = "dynamic" if likelihood == "bernoulli" else "dequantize"
+    tiny_raw["train"]["limit"] = 40
+    expected = refusal(prior, guide)
+    if expected:
+        with pytest.raises(ConfigError, match=expected):
+            Experiment.build(config_from_dict(tiny_raw))
+        return
+    experiment = Experiment.build(config_from_dict(tiny_raw))
+    objective = experiment.objective
+    optimizer = torch.optim.Adam(objective.parameters(), lr=1e-3)
+    loss = objective.step(experiment.data["train"].batch(slice(0, 20)), optimizer)
+    assert math.isfinite(loss.item())
+    result = evaluate(experiment.model, experiment.guide, experiment.data["test"].head(10).batches(10), 30,
+                      progress=False)
+    assert np.isfinite(result.log_likelihood).all() and np.isfinite(result.elbo).all()
+    assert (result.elbo <= result.log_likelihood + 1e-4).all()
