@@ -13,7 +13,7 @@ import pyro.poutine as poutine
 import torch
 from torchvision.utils import make_grid, save_image
 
-from pyro_vae.traces import OBSERVED_SITE, guide_and_model_traces
+from pyro_vae.traces import OBSERVED_SITE, guide_and_model_traces, latent_sites
 
 
 @torch.no_grad()
@@ -144,3 +144,63 @@ def save_kl_bars(kl_per_dim: Sequence[float], path: str | Path) -> None:
     fig.tight_layout()
     fig.savefig(path)
     plt.close(fig)
+
+
+@torch.no_grad()
+def latent_codes(guide: Callable, batches) -> torch.Tensor:
+    """The guide's code of each datapoint: the mean of ``q(z | x)`` at its one
+    continuous latent site (a sample where the mean has no closed form, as
+    for a flow): ``[N, D]``."""
+    codes = []
+    for x in batches:
+        site = next(s for _, s in latent_sites(poutine.trace(guide).get_trace(x)))
+        try:
+            code = site["fn"].mean
+        except NotImplementedError:
+            code = site["value"]
+        codes.append(code.reshape(x.shape[0], -1).cpu())
+    return torch.cat(codes)
+
+
+def save_latent_scatter(codes: torch.Tensor, labels: torch.Tensor, path: str | Path) -> None:
+    """The codes scattered, coloured by label: the two coordinates themselves
+    for a 2-D latent, else the first two principal components (scikit-learn's
+    PCA, with the variance each explains on its axis)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    codes, labels = codes.double().numpy(), labels.cpu().numpy()
+    if codes.shape[1] == 2:
+        points, axes = codes, ("z0", "z1")
+    else:
+        from sklearn.decomposition import PCA
+
+        pca = PCA(n_components=2).fit(codes)
+        points = pca.transform(codes)
+        axes = tuple(f"PC{i + 1} ({100 * r:.0f}% of the variance)" for i, r in enumerate(pca.explained_variance_ratio_))
+    fig, ax = plt.subplots(figsize=(5.2, 4.6), dpi=120)
+    for label in sorted(set(labels.tolist())):
+        chosen = labels == label
+        ax.scatter(points[chosen, 0], points[chosen, 1], s=3, alpha=0.6, label=str(label), color=plt.cm.tab10(label % 10))
+    ax.set_xlabel(axes[0])
+    ax.set_ylabel(axes[1])
+    ax.set_title(f"codes of {len(points)} test images (the guide's means), by label", fontsize=9)
+    ax.legend(markerscale=4, fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+@torch.no_grad()
+def save_manifold(model: Callable, site: str, event_shape: Sequence[int], path: str | Path, n: int = 20) -> None:
+    """A 2-D latent's decoded manifold: ``E[x | z]`` on an ``n x n`` grid of
+    ``z = (Phi^-1(u), Phi^-1(v))`` for ``u, v`` evenly spaced in (0.05, 0.95),
+    so the grid covers the bulk of a standard-normal prior evenly in probability."""
+    quantiles = torch.distributions.Normal(0.0, 1.0).icdf(torch.linspace(0.05, 0.95, n))
+    z = torch.cartesian_prod(quantiles.flip(0), quantiles)[:, [1, 0]]  # rows: z1 from high to low; columns: z0
+    device = next(model.parameters()).device
+    trace = poutine.trace(poutine.condition(model, data={site: z.to(device)})).get_trace(None, batch_size=n * n)
+    images = trace.nodes[OBSERVED_SITE]["fn"].mean.reshape(n * n, *event_shape)
+    save_image(images.clamp(0, 1), path, nrow=n, padding=1, pad_value=1.0)

@@ -44,7 +44,8 @@ from pyro_vae.objectives import Objective, TrainingContext
 from pyro_vae.aggregate import single_factorised_latent
 from pyro_vae.decompose import decompose as decompose_split
 from pyro_vae.mig import mutual_information_gap
-from pyro_vae.plots import save_curves, save_kl_bars, save_reconstructions, save_samples, save_traversals
+from pyro_vae.plots import (latent_codes, save_curves, save_kl_bars, save_latent_scatter, save_manifold,
+                            save_reconstructions, save_samples, save_traversals)
 from pyro_vae.rundir import RunDir, checkpoint_tag
 from pyro_vae.schedules import lr_multiplier
 from pyro_vae.tensorboard import TensorBoardLog, check_tensorboard
@@ -55,6 +56,7 @@ log = logging.getLogger("pyro_vae")
 VALID_BATCH = 1000
 REPORT_EVERY = 50  # steps between progress-bar updates
 RANK_SEED_STRIDE = 7_919  # separates the ranks' random streams
+SCATTER_POINTS = 5000  # test images in the latent scatter
 
 
 def epoch_seed(seed: int, epoch: int) -> int:
@@ -415,9 +417,11 @@ def evaluate_run(experiment: Experiment, split: str, num_samples: int, chunk_siz
 
 
 def save_latent_pictures(run: RunDir, experiment: Experiment, kl_per_dim: dict[str, list[float]]) -> None:
-    """Latent traversals around the first test datapoint's code and the
-    per-dimension KL bars, for a guide with one continuous latent site that
-    factorises over its dimensions (nothing otherwise)."""
+    """Latent traversals around the first test datapoint's code, the
+    per-dimension KL bars, the test codes scattered by label (2-D, or their
+    first two principal components) and, for a 2-D latent, the decoded
+    manifold; for a guide with one continuous latent site that factorises
+    over its dimensions (nothing otherwise)."""
     x = experiment.data["test"].batch(slice(0, 1))
     kl = next(iter(kl_per_dim.values()), [])
     with torch.no_grad():
@@ -432,6 +436,14 @@ def save_latent_pictures(run: RunDir, experiment: Experiment, kl_per_dim: dict[s
         save_traversals(experiment.model, experiment.guide, x, kl, experiment.data.event_shape, path)
     with run.atomic("kl_per_dim.png") as path:
         save_kl_bars(kl, path)
+    test = experiment.data["test"].head(SCATTER_POINTS)
+    if test.labels.dim() == 1:  # one label per image (a digit): the codes coloured by it
+        with run.atomic("latent_scatter.png") as path:
+            save_latent_scatter(latent_codes(experiment.guide, test.batches(1000)), test.labels, path)
+    if len(kl) == 2:
+        site = next(iter(kl_per_dim))
+        with run.atomic("manifold.png") as path:
+            save_manifold(experiment.model, site, experiment.data.event_shape, path)
 
 
 def record(run: RunDir, result: Evaluation, report: Optional[dict[str, Any]] = None) -> dict[str, Any]:

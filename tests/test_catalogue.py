@@ -296,3 +296,32 @@ def test_likelihood_options_are_checked_and_gray_data_train_with_continuous_like
     nll, dims = -result.log_likelihood.mean(), 28 * 28
     assert result.extra["bits_per_dim"] == pytest.approx((nll + dims * math.log(256)) / (dims * math.log(2)))
     assert math.isfinite(result.extra["bits_per_dim"]) and result.extra["bits_per_dim"] > 0
+
+
+@pytest.mark.parametrize("latent_dim", [2, 5])
+def test_latent_pictures_scatter_the_codes_and_draw_a_2d_manifold(latent_dim, tiny_raw, tmp_path):
+    """After training: the test codes scattered by digit (PCA above 2-D) and,
+    for a 2-D latent, the decoded manifold, a 20 x 20 grid of 28 x 28 digits;
+    the codes are the guide's means."""
+    from PIL import Image
+
+    from pyro_vae.config import config_from_dict
+    from pyro_vae.experiment import Experiment
+    from pyro_vae.plots import latent_codes
+    from pyro_vae.rundir import RunDir
+    from pyro_vae.train import fit, save_latent_pictures
+
+    tiny_raw["model"]["latent_dim"] = latent_dim
+    tiny_raw["train"]["limit"] = 200
+    experiment = Experiment.build(config_from_dict(tiny_raw))
+    run = RunDir(tmp_path)
+    fit(experiment, run, progress=False)
+    save_latent_pictures(run, experiment, {"z": [0.5] * latent_dim})
+    assert (tmp_path / "latent_scatter.png").stat().st_size > 5000
+    manifold = tmp_path / "manifold.png"
+    assert manifold.exists() == (latent_dim == 2)
+    if latent_dim == 2:
+        assert Image.open(manifold).size == (20 * 29 + 1, 20 * 29 + 1)
+    x = experiment.data["test"].batch(slice(0, 7))
+    codes = latent_codes(experiment.guide, [x])
+    assert torch.allclose(codes, experiment.guide.distribution(x).mean)
