@@ -18,23 +18,19 @@ cache, never by inverting the flow.
 from __future__ import annotations
 
 import math
-from typing import Optional
-
-import pyro
 import pyro.distributions as dist
 import torch
 from pyro.distributions.transforms import ConditionalAffineAutoregressive, Permute
 from pyro.nn import ConditionalAutoRegressiveNN
 from torch.nn.functional import softplus
 
-from guides.normal import MIN_SCALE
-from pyro_vae.nn import Activation, PartModule, mlp
+from guides.normal import MIN_SCALE, DistributionGuide
+from pyro_vae.nn import Activation, mlp
 from pyro_vae.registry import GUIDES
-from pyro_vae.traces import DATA_PLATE
 
 
 @GUIDES.register("iaf")
-class IAFGuide(PartModule):
+class IAFGuide(DistributionGuide):
     """Diagonal Gaussian q(z_0|x) then inverse autoregressive flow steps conditioned on x (Kingma et al. 2016)."""
 
     def __init__(
@@ -73,7 +69,3 @@ class IAFGuide(PartModule):
                 transforms.append(Permute(self.reverse))
             transforms.append(flow.condition(h))
         return dist.TransformedDistribution(base, transforms)
-
-    def forward(self, x: torch.Tensor, batch_size: Optional[int] = None) -> None:
-        with pyro.plate(DATA_PLATE, x.shape[0]):
-            pyro.sample("z", self.distribution(x))

@@ -11,21 +11,17 @@ the one-sample estimate, and the KL per dimension is reported as one total.
 from __future__ import annotations
 
 import math
-from typing import Optional
-
-import pyro
 import pyro.distributions as dist
 import torch
 from torch.nn.functional import softplus
 
-from guides.normal import MIN_SCALE
-from pyro_vae.nn import Activation, PartModule, mlp
+from guides.normal import MIN_SCALE, DistributionGuide
+from pyro_vae.nn import Activation, mlp
 from pyro_vae.registry import GUIDES
-from pyro_vae.traces import DATA_PLATE
 
 
 @GUIDES.register("lowrank_normal")
-class LowRankNormalGuide(PartModule):
+class LowRankNormalGuide(DistributionGuide):
     """MLP encoder to a Gaussian with low-rank-plus-diagonal covariance q(z|x) = N(mu(x), F(x)F(x)^T + diag d(x))."""
 
     def __init__(
@@ -46,7 +42,3 @@ class LowRankNormalGuide(PartModule):
         d = self.latent_dim
         loc, raw_diag, factor = out[:, :d], out[:, d:2 * d], out[:, 2 * d:]
         return dist.LowRankMultivariateNormal(loc, factor.reshape(-1, d, self.rank), softplus(raw_diag) + MIN_SCALE)
-
-    def forward(self, x: torch.Tensor, batch_size: Optional[int] = None) -> None:
-        with pyro.plate(DATA_PLATE, x.shape[0]):
-            pyro.sample("z", self.distribution(x))

@@ -22,8 +22,22 @@ from pyro_vae.traces import DATA_PLATE
 MIN_SCALE = 1e-4
 
 
+class DistributionGuide(PartModule):
+    """A guide given by :meth:`distribution`, ``q(z | x)`` for a batch ``x``
+    (batch shape ``[B]``, the latent as event shape), sampled at site ``"z"``
+    in the data plate.  ``distribution`` is what the VampPrior evaluates at its
+    pseudo-inputs."""
+
+    def distribution(self, x: torch.Tensor) -> dist.TorchDistribution:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor, batch_size: Optional[int] = None) -> None:
+        with pyro.plate(DATA_PLATE, x.shape[0]):
+            pyro.sample("z", self.distribution(x))
+
+
 @GUIDES.register("normal")
-class DiagonalNormalGuide(PartModule):
+class DiagonalNormalGuide(DistributionGuide):
     """MLP encoder to a diagonal Gaussian q(z|x) = N(mu(x), diag sigma(x)^2)."""
 
     def __init__(
@@ -40,7 +54,3 @@ class DiagonalNormalGuide(PartModule):
         """``q(z | x)`` for the batch ``x``: batch shape ``[B]``, event ``[D]``."""
         loc, raw_scale = self.encoder(x.reshape(x.shape[0], -1)).chunk(2, dim=-1)
         return dist.Normal(loc, softplus(raw_scale) + MIN_SCALE).to_event(1)
-
-    def forward(self, x: torch.Tensor, batch_size: Optional[int] = None) -> None:
-        with pyro.plate(DATA_PLATE, x.shape[0]):
-            pyro.sample("z", self.distribution(x))

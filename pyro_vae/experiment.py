@@ -15,6 +15,12 @@ from pyro_vae.objectives import Objective
 from pyro_vae.traces import OBSERVED_SITE, guide_and_model_traces, latent_sites
 
 
+def _kind(d: torch.distributions.Distribution) -> str:
+    """``"continuous Normal"``, ``"discrete Bernoulli"``: a distribution's kind and family."""
+    family = type(getattr(d, "base_dist", d)).__name__
+    return f"{'discrete' if d.support.is_discrete else 'continuous'} {family}"
+
+
 def resolve_device(name: str) -> torch.device:
     """``auto`` -> CUDA when present, else CPU."""
     if name == "auto":
@@ -81,13 +87,9 @@ class Experiment:
         for name, q_site in latent_sites(guide_trace):
             q, p = q_site["fn"], model_trace.nodes[name]["fn"]
             if q.support.is_discrete != p.support.is_discrete or not bool(p.support.check(q_site["value"]).all()):
-                def kind(d) -> str:
-                    family = type(getattr(d, "base_dist", d)).__name__
-                    return f"{'discrete' if d.support.is_discrete else 'continuous'} {family}"
-
                 raise ConfigError(
-                    f"guide {self.config.guide.name!r} draws latent {name!r} from a {kind(q)}, but prior "
-                    f"{self.config.prior.name!r} is a {kind(p)}: the guide must propose values the prior "
+                    f"guide {self.config.guide.name!r} draws latent {name!r} from a {_kind(q)}, but prior "
+                    f"{self.config.prior.name!r} is a {_kind(p)}: the guide must propose values the prior "
                     f"scores, with the same kind of density. Pair prior 'bernoulli' with guide 'bernoulli', and "
                     f"continuous priors with a continuous guide ('normal', 'lowrank_normal', 'iaf')."
                 )
