@@ -18,6 +18,7 @@ import pyro.distributions as dist
 import torch
 from torch.nn.functional import softplus
 
+from pyro_vae.distributions import DiagonalNormalMixture, mixture
 from pyro_vae.errors import ConfigError
 from pyro_vae.nn import PartModule
 from pyro_vae.registry import PRIORS
@@ -69,9 +70,7 @@ class MixtureOfGaussiansPrior(PartModule):
         self.logits = torch.nn.Parameter(torch.zeros(components))
 
     def forward(self, batch_size: int) -> dist.TorchDistribution:
-        components = dist.Normal(self.locs, softplus(self.raw_scales)).to_event(1)
-        mixture = dist.MixtureSameFamily(dist.Categorical(logits=self.logits), components)
-        return mixture.expand([batch_size])
+        return DiagonalNormalMixture(self.logits, self.locs, softplus(self.raw_scales)).expand([batch_size])
 
 
 @PRIORS.register("vamp")
@@ -109,8 +108,7 @@ class VampPrior(PartModule):
 
     def forward(self, batch_size: int) -> dist.TorchDistribution:
         components = self.guide.distribution(self.pseudo_inputs.clamp(0.0, 1.0))
-        weights = dist.Categorical(logits=self.pseudo_inputs.new_zeros(self.pseudo_inputs.shape[0]))
-        return dist.MixtureSameFamily(weights, components).expand([batch_size])
+        return mixture(self.pseudo_inputs.new_zeros(self.pseudo_inputs.shape[0]), components).expand([batch_size])
 
 
 @PRIORS.register("bernoulli")

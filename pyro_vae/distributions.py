@@ -1,15 +1,16 @@
 """Distributions the catalogue needs and Pyro does not ship: a Bernoulli
-likelihood written for speed in the IS hot path, and a wrapper that switches
-the reparameterization trick off."""
+likelihood and a diagonal Gaussian mixture written for speed in the IS hot
+path, and a wrapper that switches the reparameterization trick off."""
 from __future__ import annotations
 
 import functools
+import math
 
 import pyro.distributions as dist
 import torch
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
-from torch.distributions import register_kl
+from torch.distributions import constraints, register_kl
 from torch.overrides import handle_torch_function, has_torch_function
 from torch.nn.functional import logsigmoid
 
@@ -92,6 +93,67 @@ class BernoulliVector(dist.Independent):
             self._validate_sample(value)
         logits = self.logits
         return (value * logits).sum(-1) - softplus_sum(logits)
+
+
+class DiagonalNormalMixture(dist.TorchDistribution):
+    """A mixture of C diagonal Gaussians shared by every batch element::
+
+        p(z) = sum_c pi_c N(z; m_c, diag s_c^2),   pi = softmax(a)
+
+    ``log_prob`` expands each component's quadratic form into matrix products::
+
+        log N(z; m_c, s_c) = -1/2 [ (z^2) . s_c^-2 - 2 z . (m_c s_c^-2) + m_c^2 . s_c^-2 ]
+                             - sum_d log s_cd - (D/2) log 2 pi
+
+    so ``[..., D]`` values give ``[..., C]`` log-densities through two GEMMs,
+    never a ``[..., C, D]`` tensor (the VampPrior's C = 500 components at a
+    batch of 100 made that 2.5M numbers a step, 143 ms against 5 ms for the
+    rest of the step).  The expansion subtracts terms of size ``z^2 / s^2``,
+    so it is computed in float64: rounding ~1e-16 of them, against ~1e-7 of
+    them in float32, which would cost a nat at ``s = 0.01``.
+    """
+
+    arg_constraints = {"logits": constraints.real_vector, "loc": constraints.real, "scale": constraints.positive}
+    support = constraints.real_vector
+    has_rsample = False
+
+    def __init__(self, logits: torch.Tensor, loc: torch.Tensor, scale: torch.Tensor,
+                 batch_shape: torch.Size = torch.Size(), validate_args=None):
+        """:param logits: ``a``, shape ``[C]``.  :param loc: ``m``, ``[C, D]``.  :param scale: ``s``, ``[C, D]``."""
+        self.logits, self.loc, self.scale = logits, loc, scale
+        super().__init__(torch.Size(batch_shape), loc.shape[-1:], validate_args=validate_args)
+
+    def expand(self, batch_shape, _instance=None):
+        return DiagonalNormalMixture(self.logits, self.loc, self.scale, torch.Size(batch_shape),
+                                     validate_args=self._validate_args)
+
+    def sample(self, sample_shape=torch.Size()) -> torch.Tensor:
+        """A component c ~ Categorical(pi), then z ~ N(m_c, diag s_c^2)."""
+        shape = torch.Size(sample_shape) + self.batch_shape
+        with torch.no_grad():
+            c = torch.distributions.Categorical(logits=self.logits).sample(shape)
+            return self.loc[c] + self.scale[c] * torch.randn(shape + self.event_shape, dtype=self.loc.dtype,
+                                                             device=self.loc.device)
+
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        if self._validate_args:
+            self._validate_sample(value)
+        z = value.double()
+        loc, precision = self.loc.double(), self.scale.double().pow(-2)
+        quadratic = (z * z) @ precision.T - 2 * z @ (loc * precision).T + (loc * loc * precision).sum(-1)
+        log_normaliser = self.scale.double().log().sum(-1) + 0.5 * loc.shape[-1] * math.log(2 * math.pi)
+        log_joint = self.logits.double().log_softmax(-1) - log_normaliser - 0.5 * quadratic  # [..., C]
+        return torch.logsumexp(log_joint, -1).to(value.dtype)
+
+
+def mixture(logits: torch.Tensor, components: dist.TorchDistribution) -> dist.TorchDistribution:
+    """``sum_c softmax(logits)_c components_c``: a :class:`DiagonalNormalMixture`
+    when the components are diagonal Gaussians (``Normal(loc, scale).to_event(1)``
+    with batch shape ``[C]``), Pyro's ``MixtureSameFamily`` otherwise."""
+    base = components.base_dist if isinstance(components, dist.Independent) else None
+    if isinstance(base, dist.Normal) and components.reinterpreted_batch_ndims == 1 and components.batch_shape.numel() == logits.shape[-1]:
+        return DiagonalNormalMixture(logits, base.loc, base.scale)
+    return dist.MixtureSameFamily(dist.Categorical(logits=logits), components)
 
 
 class WithoutRsample(dist.Independent):
