@@ -7,12 +7,17 @@ the latent as event shape, so a model does ``pyro.sample("z", self.prior(B))``.
   diagonal Gaussians (``pi = softmax(a)``);
 - ``vamp``: the VampPrior (Tomczak & Welling 2018), ``(1/C) sum_c q(z | u_c)``,
   the guide's posteriors at ``C`` learned pseudo-inputs;
+- ``gmm_ex_post``: ``N(0, I)`` while training; afterwards a Gaussian mixture
+  fitted by scikit-learn to the guide's codes of the training set, used for
+  sampling and evaluation (Ghosh et al. 2020's ex-post density estimation);
 - ``bernoulli``: independent Bernoullis, fair or learned.
 
 No KL to a mixture is registered: ``meanfield_elbo`` then uses the
 one-sample estimate ``log q(z|x) - log p(z)`` (see ``pyro_vae.traces.site_kl``).
 """
 from __future__ import annotations
+
+from typing import Literal
 
 import pyro.distributions as dist
 import torch
@@ -109,6 +114,73 @@ class VampPrior(PartModule):
     def forward(self, batch_size: int) -> dist.TorchDistribution:
         components = self.guide.distribution(self.pseudo_inputs.clamp(0.0, 1.0))
         return mixture(self.pseudo_inputs.new_zeros(self.pseudo_inputs.shape[0]), components).expand([batch_size])
+
+
+@PRIORS.register("gmm_ex_post")
+class GaussianMixtureExPostPrior(PartModule):
+    """N(0, I) while training; after it, a Gaussian mixture fitted to the guide's codes of the training set."""
+
+    def __init__(self, latent_dim: int, components: int = 10, covariance: Literal["full", "diag"] = "full"):
+        """
+        :param components: ``C``, the Gaussians of the mixture fitted after training.
+        :param covariance: their covariance matrices, ``full`` or ``diag``.
+
+        Until :meth:`fit_codes` is called, ``p(z) = N(0, I)``: training sees
+        this prior, whose log-density is the codes' L2 penalty for a point-
+        estimate guide.  The fitted mixture is held in buffers outside the
+        ``state_dict`` (a resumed run trains against ``N(0, I)`` again); the
+        engine saves and restores it beside the checkpoint
+        (:mod:`pyro_vae.ex_post`).
+        """
+        super().__init__()
+        self.components, self.covariance = components, covariance
+        self.register_buffer("loc", torch.zeros(latent_dim))
+        self.register_buffer("scale", torch.ones(latent_dim))
+        for name in ("mixture_weights", "mixture_means", "mixture_scale_tril"):
+            self.register_buffer(name, None, persistent=False)
+
+    @property
+    def fitted(self) -> bool:
+        return self.mixture_weights is not None
+
+    def fit_codes(self, codes: torch.Tensor, seed: int = 0) -> dict[str, float]:
+        """Fit ``sum_c pi_c N(m_c, S_c)`` to ``codes`` ``[N, D]`` by EM
+        (scikit-learn's ``GaussianMixture``, k-means start); returns the
+        mean log-density of the codes under it and the iterations EM took."""
+        from sklearn.mixture import GaussianMixture
+
+        gmm = GaussianMixture(self.components, covariance_type=self.covariance, random_state=seed, max_iter=500)
+        data = codes.double().cpu().numpy()
+        gmm.fit(data)
+        covariances = torch.as_tensor(gmm.covariances_)
+        if self.covariance == "diag":
+            covariances = torch.diag_embed(covariances)
+        self.load_mixture({"weights": torch.as_tensor(gmm.weights_), "means": torch.as_tensor(gmm.means_),
+                           "scale_tril": torch.linalg.cholesky(covariances)})
+        return {"mean_code_log_density": float(gmm.score(data)), "em_iterations": int(gmm.n_iter_),
+                "converged": bool(gmm.converged_)}
+
+    def mixture_state(self) -> dict[str, torch.Tensor]:
+        """The fitted mixture's ``weights`` ``[C]``, ``means`` ``[C, D]`` and ``scale_tril`` ``[C, D, D]``."""
+        return {"weights": self.mixture_weights.cpu(), "means": self.mixture_means.cpu(),
+                "scale_tril": self.mixture_scale_tril.cpu()}
+
+    def load_mixture(self, state: dict[str, torch.Tensor]) -> None:
+        """Use the mixture ``state`` (see :meth:`mixture_state`) from now on."""
+        expected = {"weights": (self.components,), "means": (self.components, self.loc.shape[0]),
+                    "scale_tril": (self.components, self.loc.shape[0], self.loc.shape[0])}
+        for key, shape in expected.items():
+            if key not in state or tuple(state[key].shape) != shape:
+                raise ValueError(f"the mixture's {key!r} should have shape {shape}")
+        self.mixture_weights = state["weights"].to(self.loc)
+        self.mixture_means = state["means"].to(self.loc)
+        self.mixture_scale_tril = state["scale_tril"].to(self.loc)
+
+    def forward(self, batch_size: int) -> dist.TorchDistribution:
+        if not self.fitted:
+            return dist.Normal(self.loc, self.scale).expand([batch_size, self.loc.shape[-1]]).to_event(1)
+        components = dist.MultivariateNormal(self.mixture_means, scale_tril=self.mixture_scale_tril)
+        return dist.MixtureSameFamily(dist.Categorical(probs=self.mixture_weights), components).expand([batch_size])
 
 
 @PRIORS.register("bernoulli")

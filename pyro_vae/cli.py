@@ -34,7 +34,7 @@ def _train(args: argparse.Namespace) -> None:
                                 evaluate_after=not args.no_eval, from_previous=args.from_previous_checkpoint)
     if not report:  # a rank other than 0 of a torchrun job: rank 0 reports
         return
-    if args.no_eval:
+    if args.no_eval or config.eval.iw_samples == 0:
         print(json.dumps({k: v for k, v in report.items() if k not in ("eval", "evaluations")}, indent=2))
         return
     ev = report["eval"]

@@ -76,7 +76,8 @@ RESUMABLE_TRAIN_KEYS = frozenset(
 
 
 class EvalConfig(_Strict):
-    iw_samples: int = Field(1000, ge=1, description="K in the importance-sampled log-likelihood")
+    iw_samples: int = Field(1000, ge=0, description="K in the importance-sampled log-likelihood (0: no IS "
+                                                    "evaluation after training, as a point-estimate guide needs)")
     chunk_size: Union[int, str] = Field(
         "auto", description='samples drawn at once (bounds memory); "auto": sized for the device')
     batch_size: int = Field(100, ge=1, description="datapoints evaluated at once")

@@ -21,6 +21,29 @@ def _kind(d: torch.distributions.Distribution) -> str:
     return f"{'discrete' if d.support.is_discrete else 'continuous'} {family}"
 
 
+def is_point_mass(d: torch.distributions.Distribution) -> bool:
+    """Whether ``d`` is a ``Delta`` (possibly reshaped with ``to_event``/``expand``): a point estimate, no density."""
+    while isinstance(d, (torch.distributions.Independent, pyro.distributions.ExpandedDistribution)):
+        d = d.base_dist
+    return isinstance(d, pyro.distributions.Delta)
+
+
+def require_guide_density(guide_trace, guide_name: str, num_samples: int) -> None:
+    """Refuse an importance-sampled evaluation (``num_samples`` > 0) of a guide
+    with a point mass at a latent site: ``log w = log p(x, z) - log q(z | x)``
+    needs ``q``'s density, and a point mass has none (its entropy is minus
+    infinity), so the ELBO and ``L_K`` would be numbers without a meaning."""
+    point_masses = [name for name, site in latent_sites(guide_trace) if is_point_mass(site["fn"])]
+    if point_masses and num_samples > 0:
+        raise ConfigError(
+            f"guide {guide_name!r} is a point estimate at latent {point_masses[0]!r} (a Delta, no density "
+            f"q(z|x)), but the importance-sampled evaluation (eval.iw_samples = {num_samples}) divides by that "
+            f"density: the ELBO and the IS log-likelihood are undefined for it. Set eval.iw_samples = 0 (train "
+            f"without it; score samples with `pyro-vae evaluate RUN --sample-quality`), or use a guide with a "
+            f"density ('normal', 'lowrank_normal', 'iaf')."
+        )
+
+
 def resolve_device(name: str) -> torch.device:
     """``auto`` -> CUDA when present, else CPU."""
     if name == "auto":
@@ -72,6 +95,7 @@ class Experiment:
         objective = registry.OBJECTIVES.build(config.objective.name, config.objective.options)(model, guide)
         experiment = cls(config, device, data, model, guide, objective.to(device))
         experiment.check_guide_fits_prior()
+        experiment.check_guide_density(config.eval.iw_samples)
         experiment.check_data_fits_model()
         return experiment
 
@@ -93,6 +117,12 @@ class Experiment:
                     f"scores, with the same kind of density. Pair prior 'bernoulli' with guide 'bernoulli', and "
                     f"continuous priors with a continuous guide ('normal', 'lowrank_normal', 'iaf')."
                 )
+
+    def check_guide_density(self, num_samples: int) -> None:
+        """An IS evaluation with ``num_samples`` needs the guide's density (:func:`require_guide_density`)."""
+        with torch.no_grad(), pyro.validation_enabled(False):
+            guide_trace, _ = guide_and_model_traces(self.model, self.guide, self.data["train"].batch(slice(0, 2)))
+        require_guide_density(guide_trace, self.config.guide.name, num_samples)
 
     def check_data_fits_model(self) -> None:
         """Every value of every split must lie in the support of the model's

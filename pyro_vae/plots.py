@@ -162,31 +162,50 @@ def latent_codes(guide: Callable, batches) -> torch.Tensor:
     return torch.cat(codes)
 
 
-def save_latent_scatter(codes: torch.Tensor, labels: torch.Tensor, path: str | Path) -> None:
+def save_latent_scatter(codes: torch.Tensor, labels: torch.Tensor, path: str | Path,
+                        mixture: dict[str, torch.Tensor] | None = None) -> None:
     """The codes scattered, coloured by label: the two coordinates themselves
     for a 2-D latent, else the first two principal components (scikit-learn's
-    PCA, with the variance each explains on its axis)."""
+    PCA, with the variance each explains on its axis).  ``mixture`` (a fitted
+    Gaussian mixture's ``weights``, ``means``, ``scale_tril``) adds each
+    component's 2-sigma ellipse in the same plane: with ``P`` the plane's
+    projection and ``c`` its centre, ``N(m, S)`` projects to ``N(P(m - c), P S P^T)``."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import numpy as np
+    from matplotlib.patches import Ellipse
 
     codes, labels = codes.double().numpy(), labels.cpu().numpy()
     if codes.shape[1] == 2:
-        points, axes = codes, ("z0", "z1")
+        centre, projection, axes = np.zeros(2), np.eye(2), ("z0", "z1")
     else:
         from sklearn.decomposition import PCA
 
         pca = PCA(n_components=2).fit(codes)
-        points = pca.transform(codes)
+        centre, projection = pca.mean_, pca.components_
         axes = tuple(f"PC{i + 1} ({100 * r:.0f}% of the variance)" for i, r in enumerate(pca.explained_variance_ratio_))
+    points = (codes - centre) @ projection.T
     fig, ax = plt.subplots(figsize=(5.2, 4.6), dpi=120)
     for label in sorted(set(labels.tolist())):
         chosen = labels == label
         ax.scatter(points[chosen, 0], points[chosen, 1], s=3, alpha=0.6, label=str(label), color=plt.cm.tab10(label % 10))
+    title = f"codes of {len(points)} test images (the guide's means), by label"
+    if mixture is not None:
+        weights, means = mixture["weights"].double().numpy(), mixture["means"].double().numpy()
+        tril = mixture["scale_tril"].double().numpy()
+        for weight, mean, scale_tril in zip(weights, means, tril):
+            cov = projection @ scale_tril @ scale_tril.T @ projection.T
+            eigenvalues, eigenvectors = np.linalg.eigh(cov)
+            angle = np.degrees(np.arctan2(eigenvectors[1, 1], eigenvectors[0, 1]))
+            width, height = 2 * 2 * np.sqrt(eigenvalues[::-1])
+            ax.add_patch(Ellipse(projection @ (mean - centre), width, height, angle=angle, fill=False,
+                                 edgecolor="black", linewidth=0.6 + 6 * weight))
+        title += f";\n2-sigma ellipses of the fitted {len(weights)}-component mixture (line width ~ weight)"
     ax.set_xlabel(axes[0])
     ax.set_ylabel(axes[1])
-    ax.set_title(f"codes of {len(points)} test images (the guide's means), by label", fontsize=9)
+    ax.set_title(title, fontsize=8)
     ax.legend(markerscale=4, fontsize=7, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
     fig.tight_layout()
     fig.savefig(path)

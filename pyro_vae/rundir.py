@@ -38,6 +38,7 @@ import torch
 from pyro_vae.checkpoint import CHECKPOINT, PREVIOUS, describe, load_checkpoint, peek, restore_weights
 from pyro_vae.config import ExperimentConfig, load_config, save_config
 from pyro_vae.errors import CheckpointError, ConfigError
+from pyro_vae.ex_post import load_ex_post_prior
 from pyro_vae.experiment import Experiment
 from pyro_vae.provenance import environment
 
@@ -165,10 +166,12 @@ class RunDir:
 
     def load_trained(self, device: torch.device | None = None,
                      from_previous: bool = False) -> tuple[Experiment, dict[str, Any]]:
-        """Rebuild the experiment and load its checkpointed weights."""
+        """Rebuild the experiment and load its checkpointed weights (and a
+        prior fitted after training, :mod:`pyro_vae.ex_post`)."""
         experiment = Experiment.build(self.load_config(), device)
         state = load_checkpoint(self.checkpoint, map_location=experiment.device, from_previous=from_previous)
         restore_weights(experiment.model, experiment.guide, state, experiment.data.event_shape, self.checkpoint)
+        load_ex_post_prior(self, experiment.model)
         return experiment, state
 
     def write_metrics(self, history: list[dict]) -> None:

@@ -38,6 +38,7 @@ from pyro_vae.distributed import Ranks, init_ranks
 from pyro_vae.divergence import DivergenceMonitor, GuardedOptimizer, locate_non_finite
 from pyro_vae.errors import CheckpointError, ConfigError, TrainingDivergedError, TrainingInterrupted
 from pyro_vae.evaluate import Evaluation, evaluate, mean_elbo
+from pyro_vae.ex_post import ex_post_prior, fit_ex_post_prior
 from pyro_vae.experiment import Experiment
 from pyro_vae.interrupt import StopRequests
 from pyro_vae.objectives import Objective, TrainingContext
@@ -49,7 +50,7 @@ from pyro_vae.plots import (latent_codes, save_curves, save_kl_bars, save_latent
 from pyro_vae.rundir import RunDir, checkpoint_tag
 from pyro_vae.schedules import lr_multiplier
 from pyro_vae.tensorboard import TensorBoardLog, check_tensorboard
-from pyro_vae.traces import guide_and_model_traces
+from pyro_vae.traces import guide_and_model_traces, is_reparameterized, latent_sites
 
 log = logging.getLogger("pyro_vae")
 
@@ -396,6 +397,7 @@ def evaluate_run(experiment: Experiment, split: str, num_samples: int, chunk_siz
     over the same datapoints (:mod:`pyro_vae.decompose`) and, where the data
     carry generative factors (labels ``[N, K]``), the MIG.  The result's
     ``limit`` is ``None`` when the whole split was evaluated."""
+    experiment.check_guide_density(num_samples)
     data = experiment.data[split]
     if limit and limit < len(data):
         data = data.head(limit)
@@ -416,32 +418,40 @@ def evaluate_run(experiment: Experiment, split: str, num_samples: int, chunk_siz
     return result
 
 
-def save_latent_pictures(run: RunDir, experiment: Experiment, kl_per_dim: dict[str, list[float]]) -> None:
-    """Latent traversals around the first test datapoint's code, the
-    per-dimension KL bars, the test codes scattered by label (2-D, or their
-    first two principal components) and, for a 2-D latent, the decoded
-    manifold; for a guide with one continuous latent site that factorises
-    over its dimensions (nothing otherwise)."""
+def save_latent_pictures(run: RunDir, experiment: Experiment, kl_per_dim: Optional[dict[str, list[float]]] = None) -> None:
+    """For a guide with one continuous latent site (nothing otherwise): the
+    test codes scattered by label (2-D, or their first two principal
+    components) with the ellipses of a prior fitted to the codes
+    (:mod:`pyro_vae.ex_post`), the decoded manifold of a 2-D latent and,
+    given an evaluation's per-dimension KL of a site that factorises over its
+    dimensions, the latent traversals around the first test datapoint's code
+    and the per-dimension KL bars."""
     x = experiment.data["test"].batch(slice(0, 1))
-    kl = next(iter(kl_per_dim.values()), [])
     with torch.no_grad():
         guide_trace, _ = guide_and_model_traces(experiment.model, experiment.guide, x)
-    try:
-        single_factorised_latent(guide_trace, "latent pictures")
-    except ConfigError:
+    sites = list(latent_sites(guide_trace))
+    if len(sites) != 1 or not is_reparameterized(sites[0][1]):
         return
-    if len(kl_per_dim) != 1 or len(kl) < 2:
-        return
-    with run.atomic("traversals.png") as path:
-        save_traversals(experiment.model, experiment.guide, x, kl, experiment.data.event_shape, path)
-    with run.atomic("kl_per_dim.png") as path:
-        save_kl_bars(kl, path)
+    site = sites[0][0]
+    kl = (kl_per_dim or {}).get(site, [])
+    if len(kl) >= 2 and len(kl_per_dim) == 1:
+        try:
+            single_factorised_latent(guide_trace, "latent traversals")
+        except ConfigError:
+            pass  # e.g. a low-rank Normal: no per-dimension traversal
+        else:
+            with run.atomic("traversals.png") as path:
+                save_traversals(experiment.model, experiment.guide, x, kl, experiment.data.event_shape, path)
+            with run.atomic("kl_per_dim.png") as path:
+                save_kl_bars(kl, path)
     test = experiment.data["test"].head(SCATTER_POINTS)
+    codes = latent_codes(experiment.guide, test.batches(1000))
+    prior = ex_post_prior(experiment.model)
+    mixture = prior.mixture_state() if prior is not None and prior.fitted else None
     if test.labels.dim() == 1:  # one label per image (a digit): the codes coloured by it
         with run.atomic("latent_scatter.png") as path:
-            save_latent_scatter(latent_codes(experiment.guide, test.batches(1000)), test.labels, path)
-    if len(kl) == 2:
-        site = next(iter(kl_per_dim))
+            save_latent_scatter(codes, test.labels, path, mixture)
+    if codes.shape[1] == 2:
         with run.atomic("manifold.png") as path:
             save_manifold(experiment.model, site, experiment.data.event_shape, path)
 
@@ -475,6 +485,7 @@ def train_and_evaluate(config: ExperimentConfig, run_dir: str | Path, overwrite:
         return {}
 
     ev = config.eval
+    ex_post = fit_ex_post_prior(run, experiment)  # before the samples, which come from it
     with run.atomic("samples.png") as path:
         save_samples(experiment.model, experiment.data.event_shape, path)
     with run.atomic("reconstructions.png") as path:
@@ -489,10 +500,13 @@ def train_and_evaluate(config: ExperimentConfig, run_dir: str | Path, overwrite:
         "device": str(experiment.device),
         "final_train_elbo": history[-1].get("train_elbo") if history else None,
         "final_valid_elbo": history[-1]["valid_elbo"] if history else None,
+        **({"ex_post_prior": ex_post} if ex_post else {}),
     }
-    if not evaluate_after:
+    if not evaluate_after or ev.iw_samples == 0:
         report = run.read_report() | report
         run.write_json("report.json", report)
+        if ev.iw_samples == 0:  # no evaluation will draw them
+            save_latent_pictures(run, experiment)
         return report
     result = evaluate_run(experiment, ev.split, ev.iw_samples, ev.chunk_size, ev.batch_size, ev.limit, progress,
                           decompose=ev.decompose)

@@ -10,13 +10,14 @@ import torch
 from pyro_vae import registry
 from pyro_vae.config import config_from_dict
 from pyro_vae.errors import ConfigError
-from pyro_vae.evaluate import evaluate
+from pyro_vae.evaluate import evaluate, mean_elbo
 from pyro_vae.experiment import Experiment
+from pyro_vae.plots import latent_codes
 
 SMALL = {"standard_normal": {}, "learned_normal": {}, "mog": {"components": 3}, "vamp": {"pseudo_inputs": 5},
-         "bernoulli": {"learned": True}}
+         "gmm_ex_post": {"components": 2}, "bernoulli": {"learned": True}}
 GUIDE_OPTIONS = {"normal": {}, "lowrank_normal": {"rank": 2}, "iaf": {"context_dim": 8, "flow_hidden": [8]},
-                 "bernoulli": {}}
+                 "delta": {}, "bernoulli": {}}
 CONTINUOUS_GUIDES = ("normal", "lowrank_normal", "iaf")
 
 
@@ -26,8 +27,12 @@ def refusal(prior: str, guide: str):
         return r"prior 'vamp' needs a guide with a distribution\(x\) method"
     if prior == "vamp" and guide == "iaf":
         return r"prior 'vamp' needs a guide whose q\(z\|x\) broadcasts"
+    if prior == "vamp" and guide == "delta":
+        return r"prior 'vamp' needs a guide with a distribution\(x\) method"
     if (prior == "bernoulli") != (guide == "bernoulli"):
         return rf"guide '{guide}' draws latent 'z' from a .*, but prior '{prior}' is a"
+    if guide == "delta":  # with the default eval.iw_samples > 0
+        return r"guide 'delta' is a point estimate at latent 'z' .* eval.iw_samples = \d+"
     return None
 
 
@@ -50,11 +55,19 @@ def test_every_combination_trains_and_evaluates_or_is_refused(prior, guide, like
         with pytest.raises(ConfigError, match=expected):
             Experiment.build(config_from_dict(tiny_raw))
         return
+    if guide == "delta":  # a point estimate trains without the IS evaluation
+        tiny_raw["eval"] = {"iw_samples": 0}
     experiment = Experiment.build(config_from_dict(tiny_raw))
     objective = experiment.objective
     optimizer = torch.optim.Adam(objective.parameters(), lr=1e-3)
     loss = objective.step(experiment.data["train"].batch(slice(0, 20)), optimizer)
     assert math.isfinite(loss.item())
+    if prior == "gmm_ex_post":  # evaluated with the mixture fitted to the codes
+        experiment.model.prior.fit_codes(latent_codes(experiment.guide, experiment.data["train"].batches(20)))
+        assert experiment.model.prior.fitted
+    if guide == "delta":
+        assert math.isfinite(mean_elbo(experiment.model, experiment.guide, experiment.data["test"].head(10).batches(10)))
+        return
     result = evaluate(experiment.model, experiment.guide, experiment.data["test"].head(10).batches(10), 30,
                       progress=False)
     assert np.isfinite(result.log_likelihood).all() and np.isfinite(result.elbo).all()
