@@ -22,7 +22,7 @@ from pathlib import Path
 
 from pyro_vae import registry
 from pyro_vae.config import load_config
-from pyro_vae.errors import PyroVAEError, TrainingInterrupted
+from pyro_vae.errors import ConfigError, PyroVAEError, TrainingInterrupted
 
 
 def _train(args: argparse.Namespace) -> None:
@@ -74,10 +74,19 @@ def _evaluate(args: argparse.Namespace) -> None:
     device = resolve_device(args.device) if args.device else None
     experiment, state = run.load_trained(device, from_previous=args.from_previous_checkpoint)
     defaults = experiment.config.eval
+    num_samples = _given(args.iw_samples, defaults.iw_samples)
+    if args.sample_quality:
+        _sample_quality(run, experiment, args.samples)
+    if num_samples == 0:
+        if not args.sample_quality:
+            raise ConfigError(f"nothing to evaluate: {run.config_file} sets eval.iw_samples = 0 (a point-estimate "
+                              f"guide has no density to importance-sample); pass --sample-quality to score samples, "
+                              f"or --iw-samples K for a guide with a density")
+        return
     result = evaluate_run(
         experiment,
         split=_given(args.split, defaults.split),
-        num_samples=_given(args.iw_samples, defaults.iw_samples),
+        num_samples=num_samples,
         chunk_size=_given(args.chunk_size, defaults.chunk_size),
         batch_size=_given(args.batch_size, defaults.batch_size),
         limit=args.limit,
@@ -90,6 +99,52 @@ def _evaluate(args: argparse.Namespace) -> None:
     if args.decompose:
         save_latent_pictures(run, experiment, summary["kl_per_dim"])
     print(json.dumps(summary, indent=2))
+
+
+def _sample_quality(run, experiment, num_samples: int) -> None:
+    """Score the run's samples with the cached digit classifier; writes
+    ``sample_quality.json`` and ``sample_quality.png`` into the run."""
+    from pyro_vae.classifier import load_classifier, save_class_histogram, score_model_samples
+
+    if experiment.config.data.name != "mnist":
+        raise ConfigError(f"--sample-quality scores digits with the MNIST classifier; this run's data are "
+                          f"{experiment.config.data.name!r}")
+    classifier, info = load_classifier()
+    reference = _gray_mnist()["test"]
+    quality = score_model_samples(experiment.model, experiment.data.event_shape, classifier,
+                                  reference.batch(slice(None)), num_samples)
+    summary = {**quality.summary(), "classifier_test_accuracy": info["test_accuracy"]}
+    run.write_json("sample_quality.json", summary)
+    with run.atomic("sample_quality.png") as path:
+        save_class_histogram(quality, path, f"{num_samples} samples of {run.path.name}")
+    report = run.read_report()
+    run.write_json("report.json", {**report, "sample_quality": summary})
+    print(json.dumps({"sample_quality": summary}, indent=2))
+
+
+def _gray_mnist():
+    """MNIST as gray levels v / 255 on the CPU: what the classifier reads."""
+    import torch
+
+    registry.load_catalogue()
+    return registry.DATASETS.build("mnist", {"binarization": "none"}, device=torch.device("cpu"))
+
+
+def _classifier_train(args: argparse.Namespace) -> None:
+    import torch
+
+    from pyro_vae.classifier import classifier_path, save_classifier, score_images, train_classifier
+
+    data = _gray_mnist()
+    classifier, info = train_classifier(data, epochs=args.epochs, limit=args.limit, progress=not args.quiet)
+    with torch.no_grad():
+        test_features = classifier.features(data["test"].batch(slice(None)))
+        real = score_images(classifier, data["valid"].batch(slice(None)), test_features)
+    info["valid_images_scored"] = real.summary()  # what real digits score: the floor of the sample scores
+    save_classifier(classifier, info, classifier_path())
+    print(json.dumps(info, indent=2))
+    print(f"test accuracy {info['test_accuracy']:.4f} (binarized {info['test_accuracy_binarized']:.4f})  ->  "
+          f"{classifier_path()}")
 
 
 def _list(args: argparse.Namespace) -> None:
@@ -132,8 +187,21 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--device", choices=["auto", "cpu", "cuda"], help="where to evaluate (default: the config's train.device)")
     ev.add_argument("--from-previous-checkpoint", action="store_true",
                     help="the newest checkpoint is corrupt: set it aside and use the previous one")
+    ev.add_argument("--sample-quality", action="store_true",
+                    help="score samples from the prior with the cached digit classifier (`pyro-vae classifier "
+                         "train`): class histogram, mean confidence, entropy of the mean class distribution, "
+                         "Frechet distance of classifier features to the test set")
+    ev.add_argument("--samples", type=positive_int, default=10_000, help="samples scored by --sample-quality")
     ev.add_argument("--quiet", action="store_true", help="no progress bar")
     ev.set_defaults(func=_evaluate)
+
+    classifier = sub.add_parser("classifier", help="the MNIST digit classifier that scores samples")
+    classifier_sub = classifier.add_subparsers(dest="action", required=True)
+    ct = classifier_sub.add_parser("train", help="train it (MLP 784-512-10 with dropout) and store it in the cache")
+    ct.add_argument("--epochs", type=positive_int, default=15)
+    ct.add_argument("--limit", type=positive_int, help="train on the first N training images only")
+    ct.add_argument("--quiet", action="store_true", help="no progress bar")
+    ct.set_defaults(func=_classifier_train)
 
     ls = sub.add_parser("list", help="list every registered dataset, model, prior, guide and objective")
     ls.set_defaults(func=_list)
