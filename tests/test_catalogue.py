@@ -346,6 +346,14 @@ def test_diagonal_normal_mixture_matches_the_componentwise_density_at_small_scal
     expected = reference.log_prob(z)
     assert mixture.batch_shape == (4,) and mixture.event_shape == (5,)
     assert torch.allclose(mixture.log_prob(z.float()).double(), expected, rtol=1e-6, atol=1e-3)
+    params = [t.float().requires_grad_() for t in (logits, loc, scale, z)]
+    reference_grads = torch.autograd.grad(torch.distributions.MixtureSameFamily(
+        torch.distributions.Categorical(logits=params[0]),
+        torch.distributions.Independent(torch.distributions.Normal(params[1], params[2]), 1)).log_prob(params[3]).sum(),
+        params)
+    grads = torch.autograd.grad(DiagonalNormalMixture(*params[:3]).expand([4]).log_prob(params[3]).sum(), params)
+    for got, expected_grad in zip(grads, reference_grads):  # the same gradients for every parameter and z
+        assert torch.allclose(got, expected_grad, rtol=1e-4, atol=1e-3 * expected_grad.abs().max())
     samples = mixture.sample((20_000,)).double()
     assert samples.shape == (20_000, 4, 5)
     assert torch.allclose(samples.mean((0, 1)), reference.mean, atol=0.05)
