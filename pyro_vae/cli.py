@@ -5,6 +5,8 @@
     pyro-vae train CONFIG [--set section.key=value ...] [--run-dir DIR] [--overwrite] [--no-eval]
                           [--from-previous-checkpoint]
     pyro-vae evaluate RUN_DIR [--iw-samples K] [--split test] [--limit N] [--chunk-size C|auto] [--device D]
+                              [--decompose] [--sample-quality [--samples N]]
+    pyro-vae classifier train [--epochs E]
     pyro-vae list
 
 Exit codes: 0 done; 2 bad input (config, data, checkpoint, run directory:
