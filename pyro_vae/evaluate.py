@@ -53,7 +53,7 @@ CUDA_MEMORY_FRACTION = 0.5  # of the free GPU memory, for one chunk
 PROBE_SAMPLES = 16  # the first chunk on CUDA, whose peak memory sizes the others
 
 
-def cpu_chunk_size(x: torch.Tensor, num_samples: int) -> int:
+def cpu_chunk_size(x: torch.Tensor, num_samples: int, outputs_per_value: int = 1) -> int:
     """Samples per chunk on the CPU: ``chunk x B x dim(x) ~ 4M`` elements.
 
     The evaluation is memory-bound around its matrix products: each chunk's
@@ -63,9 +63,10 @@ def cpu_chunk_size(x: torch.Tensor, num_samples: int) -> int:
     on the Burda model, 100 images a batch, one thread: 130k samples/s with
     50 samples a chunk, 100k with 100, 48k with 500 (``scripts/benchmark.py``,
     ``iw_chunks``).  A model whose per-sample tensors are much larger than
-    its data (a language model's vocabulary-sized logits) may set
-    ``eval.chunk_size`` itself."""
-    per_sample = x.numel()
+    its data (a language model's vocabulary-sized logits per word) gives
+    ``outputs_per_value`` (the dataset's: 1 for pixels, the vocabulary's size
+    for words), so the chunk counts those outputs instead."""
+    per_sample = x.numel() * outputs_per_value
     return max(1, min(num_samples, CPU_CHUNK_ELEMENTS // max(per_sample, 1)))
 
 
@@ -88,14 +89,16 @@ def cuda_chunked_log_weights(model: Callable, guide: Callable, x: torch.Tensor, 
 
 
 def chunked_log_weights(
-    model: Callable, guide: Callable, x: torch.Tensor, num_samples: int, chunk_size: ChunkSize, nesting: int
+    model: Callable, guide: Callable, x: torch.Tensor, num_samples: int, chunk_size: ChunkSize, nesting: int,
+    outputs_per_value: int = 1,
 ) -> torch.Tensor:
     """:func:`~pyro_vae.traces.log_importance_weights` for ``num_samples`` drawn
-    ``chunk_size`` at a time (``"auto"``: sized for the device): ``[num_samples, B]``."""
+    ``chunk_size`` at a time (``"auto"``: sized for the device, see
+    :func:`cpu_chunk_size`): ``[num_samples, B]``."""
     if chunk_size == "auto":
         if x.device.type == "cuda":
             return cuda_chunked_log_weights(model, guide, x, num_samples, nesting)
-        chunk_size = cpu_chunk_size(x, num_samples)
+        chunk_size = cpu_chunk_size(x, num_samples, outputs_per_value)
     return torch.cat([log_importance_weights(model, guide, x, k, nesting) for k in chunk_sizes(num_samples, chunk_size)])
 
 
@@ -180,6 +183,7 @@ def evaluate(
     chunk_size: ChunkSize = "auto",
     num_batches: int | None = None,
     progress: bool = True,
+    outputs_per_value: int = 1,
 ) -> Evaluation:
     """ELBO, IS log-likelihood with ``num_samples`` samples, PSIS k-hat and KL
     per dimension for every datapoint of ``batches``."""
@@ -189,7 +193,7 @@ def evaluate(
         if nesting is None:  # the first batch runs with Pyro's argument validation on
             nesting = max_plate_nesting(model, guide, x)
         with pyro.validation_enabled(False):  # validation would re-check K * B * dim(x) values
-            log_w = chunked_log_weights(model, guide, x, num_samples, chunk_size, nesting)
+            log_w = chunked_log_weights(model, guide, x, num_samples, chunk_size, nesting, outputs_per_value)
         elbo.append(log_w.mean(0).cpu())
         log_lik.append(importance_log_likelihood(log_w).cpu())
         khat.append(psis_khat(log_w))

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import pyro
 import torch
@@ -53,23 +54,24 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def build_model_and_guide(config: ExperimentConfig, event_shape: tuple[int, ...]) -> tuple[PyroModule, PyroModule]:
-    """The prior, model and guide ``config`` names, for data of ``event_shape``
-    (on the CPU; parameters drawn from the current RNG state)."""
+def build_model_and_guide(config: ExperimentConfig, data_spec: dict[str, Any]) -> tuple[PyroModule, PyroModule]:
+    """The prior, model and guide ``config`` names, for data of ``data_spec``
+    (:data:`pyro_vae.registry.DATA_SPEC`: ``{"event_shape": (1, 28, 28)}`` for
+    MNIST; each part gets the keys it declares), on the CPU, parameters drawn
+    from the current RNG state."""
     registry.load_catalogue(config.imports)
     latent_dim = config.model.options.get("latent_dim")
     if latent_dim is None:
         raise ConfigError(f"model {config.model.name!r} has no `latent_dim` option; the engine passes it to the prior and guide")
     def build_guide():
-        return registry.GUIDES.build(config.guide.name, config.guide.options, event_shape=event_shape,
-                                     latent_dim=latent_dim)
+        return registry.GUIDES.build(config.guide.name, config.guide.options, latent_dim=latent_dim, **data_spec)
 
     # a prior built on the guide (the VampPrior) gets it; other priors are built first, as they always were,
     # so a seed initialises the same parameters
     guide = build_guide() if registry.PRIORS.accepts(config.prior.name, "guide") else None
     prior = registry.PRIORS.build(config.prior.name, config.prior.options, latent_dim=latent_dim,
-                                  guide=guide, event_shape=event_shape)
-    model = registry.MODELS.build(config.model.name, config.model.options, prior=prior, event_shape=event_shape)
+                                  guide=guide, **data_spec)
+    model = registry.MODELS.build(config.model.name, config.model.options, prior=prior, **data_spec)
     return model, guide if guide is not None else build_guide()
 
 
@@ -90,7 +92,7 @@ class Experiment:
         registry.load_catalogue(config.imports)
         data = registry.DATASETS.build(config.data.name, config.data.options, device=device)
         pyro.set_rng_seed(config.train.seed)
-        model, guide = build_model_and_guide(config, data.event_shape)
+        model, guide = build_model_and_guide(config, data.spec)
         model, guide = model.to(device), guide.to(device)
         objective = registry.OBJECTIVES.build(config.objective.name, config.objective.options)(model, guide)
         experiment = cls(config, device, data, model, guide, objective.to(device))
@@ -133,7 +135,7 @@ class Experiment:
                 _, model_trace = guide_and_model_traces(self.model, self.guide, split.batch(slice(0, 2)))
             likelihood = model_trace.nodes[OBSERVED_SITE]["fn"]
             if not all(
-                bool(likelihood.support.check(x.reshape(x.shape[0], *likelihood.event_shape)).all())
+                bool(likelihood.support.check(x.reshape(x.shape[0], -1)).all())  # every value, flat
                 for x in split.batches(check_size)
             ):
                 raise DataError(

@@ -49,7 +49,9 @@ class Registry:
         the factory with every other argument bound, to be called with these
         (objectives: ``OBJECTIVES.build(name, options)(model, guide)``).
     :param optional: parameter names the engine passes only to factories that
-        declare them (a prior built on the guide, as the VampPrior is).
+        declare them (a prior built on the guide, as the VampPrior is; the
+        data spec's keys); a factory that requires one the engine does not
+        have is refused with a message naming it.
     """
 
     def __init__(self, kind: str, context: tuple[str, ...] = (), deferred: tuple[str, ...] = (),
@@ -141,21 +143,34 @@ class Registry:
         for a table with ``deferred`` arguments, bind them and return the factory)."""
         entry = self.get(name)
         if self.optional:
+            given = sorted(k for k in context if k in DATA_SPEC)
             context = {k: v for k, v in context.items() if k not in self.optional or self.accepts(name, k)}
+            parameters = inspect.signature(entry.factory).parameters.values()
+            missing = [p.name for p in parameters if p.name in self.optional and p.name not in context
+                       and p.default is inspect.Parameter.empty]
+            if missing:
+                raise ConfigError(f"{self.kind} {name!r} needs {', '.join(missing)} from the data, which this "
+                                  f"dataset does not give (its data spec: {', '.join(given) or 'nothing'}): pair it "
+                                  f"with data of the modality it models")
         if self.deferred:
             return functools.partial(entry.factory, **self.validate(name, options), **context)
         return entry.factory(**self.validate(name, options), **context)
 
 
+# A dataset's data spec (``dataset.spec``): what the parts need to know of the data, by modality.
+# Images give ``event_shape``; text gives ``vocab_size``, ``pad_id``, ``max_length`` (and ``event_shape
+# = (max_length,)``).  A part declares the keys it needs as parameters and gets only those.
+DATA_SPEC = ("event_shape", "vocab_size", "pad_id", "max_length")
+
 DATASETS = Registry("dataset", context=("device",))
-PRIORS = Registry("prior", context=("latent_dim",), optional=("guide", "event_shape"))
-MODELS = Registry("model", context=("prior", "event_shape"))
-GUIDES = Registry("guide", context=("event_shape", "latent_dim"))
+PRIORS = Registry("prior", context=("latent_dim",), optional=("guide", *DATA_SPEC))
+MODELS = Registry("model", context=("prior",), optional=DATA_SPEC)
+GUIDES = Registry("guide", context=("latent_dim",), optional=DATA_SPEC)
 OBJECTIVES = Registry("objective", deferred=("model", "guide"))
 
 ALL = {"data": DATASETS, "prior": PRIORS, "model": MODELS, "guide": GUIDES, "objective": OBJECTIVES}
 
-_CATALOGUE = ("pyro_vae.data.mnist", "pyro_vae.data.shapes", "pyro_vae.objectives", "models", "guides")
+_CATALOGUE = ("pyro_vae.data.mnist", "pyro_vae.data.shapes", "pyro_vae.data.text", "pyro_vae.objectives", "models", "guides")
 
 
 def load_catalogue(extra_modules: typing.Iterable[str] = ()) -> None:

@@ -172,6 +172,7 @@ class RunDir:
         state = load_checkpoint(self.checkpoint, map_location=experiment.device, from_previous=from_previous)
         restore_weights(experiment.model, experiment.guide, state, experiment.data.event_shape, self.checkpoint)
         load_ex_post_prior(self, experiment.model)
+        experiment.objective.eval()  # evaluation mode: no training-only noise such as word dropout
         return experiment, state
 
     def write_metrics(self, history: list[dict]) -> None:

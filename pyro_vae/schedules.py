@@ -1,4 +1,17 @@
-"""Learning-rate schedules: the learning rate at optimizer step ``t`` is
+"""Schedules, pure functions of the optimizer step ``t``.
+
+KL-weight annealing (:func:`kl_annealing`), against posterior collapse, over
+``T = anneal_steps`` steps (1 afterwards):
+
+- ``none``: 1;
+- ``linear`` (Bowman et al. 2016): ``min(1, t / T)``;
+- ``sigmoid`` (Bowman et al.'s logistic): ``1 / (1 + exp(-10 (t - T/2) / T))``,
+  0.0067 at ``t = 0``, 0.5 at ``T/2``, 0.9933 at ``T``;
+- ``cyclical`` (Fu et al. 2019): ``M = cycles`` periods of ``T / M`` steps;
+  within one, at ``tau = (t mod (T/M)) / (T/M)``, the weight is ``tau / R``
+  while ``tau <= R`` (``R = cycle_ratio``), then 1.
+
+Learning-rate schedules: the learning rate at optimizer step ``t`` is
 ``lr * warmup(t) * schedule(t)``, a pure function of the step, applied by
 :class:`torch.optim.lr_scheduler.LambdaLR` (whose state the checkpoint keeps).
 
@@ -16,6 +29,20 @@ import math
 from typing import Callable, Literal
 
 Schedule = Literal["constant", "burda", "cosine"]
+Annealing = Literal["none", "linear", "sigmoid", "cyclical"]
+
+
+def kl_annealing(kind: Annealing, step: int, anneal_steps: int, cycles: int = 4, cycle_ratio: float = 0.5) -> float:
+    """The KL weight's annealing factor at optimizer step ``step`` (see the module docstring)."""
+    if kind == "none" or step >= anneal_steps:
+        return 1.0
+    if kind == "linear":
+        return step / anneal_steps
+    if kind == "sigmoid":
+        return 1.0 / (1.0 + math.exp(-10.0 * (step - anneal_steps / 2) / anneal_steps))
+    period = anneal_steps / cycles
+    tau = (step % period) / period
+    return min(1.0, tau / cycle_ratio)
 BURDA_STAGES = 8
 
 

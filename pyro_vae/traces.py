@@ -28,6 +28,8 @@ from pyro.distributions.util import scale_and_mask
 from pyro.poutine.util import site_is_subsample
 from torch.distributions import Independent, kl_divergence
 
+from pyro_vae.errors import ConfigError
+
 DATA_PLATE = "data"  # every site of a model and guide lies inside pyro.plate(DATA_PLATE, B)
 OBSERVED_SITE = "x"  # the model observes the data here
 PARTICLE_PLATE = "_particles"  # the engine's plate of K samples per datapoint
@@ -202,6 +204,20 @@ class Particles:
     def log_weights(self) -> torch.Tensor:
         """``log w_kb = log p(x_b, z_kb) - log q(z_kb | x_b)``: ``[K, B]``."""
         return self.log_likelihood() + self.log_prior() - self.log_guide()
+
+    def kl_per_dimension(self) -> torch.Tensor:
+        """``KL(q(z_d | x_b) || p(z_d))`` per (particle, datapoint, latent
+        dimension), the dimensions of every site side by side (a site that
+        does not factorise counts as one): ``[K or 1, B, D]``.  For latent
+        sites in the data plate alone."""
+        columns = []
+        for name, site in sample_sites(self.guide_trace):
+            kl = site_kl(site, self.model_trace.nodes[name])
+            if kl.dim() != 3:
+                raise ConfigError(f"a per-dimension KL needs latent site {name!r} in the data plate alone "
+                                  f"(its KL has shape {tuple(kl.shape)}, not [particles, batch, dimensions])")
+            columns.append(kl)
+        return torch.cat(columns, -1)
 
     def kl(self) -> torch.Tensor:
         """``sum_sites KL(q(z | x_b) || p(z))`` per (particle, datapoint), analytic

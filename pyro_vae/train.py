@@ -46,7 +46,7 @@ from pyro_vae.aggregate import single_factorised_latent
 from pyro_vae.decompose import decompose as decompose_split
 from pyro_vae.mig import mutual_information_gap
 from pyro_vae.plots import (latent_codes, save_curves, save_kl_bars, save_latent_scatter, save_manifold,
-                            save_reconstructions, save_samples, save_traversals)
+                            save_traversals)
 from pyro_vae.rundir import RunDir, checkpoint_tag
 from pyro_vae.schedules import lr_multiplier
 from pyro_vae.tensorboard import TensorBoardLog, check_tensorboard
@@ -349,9 +349,10 @@ class Trainer:
                        f"valid ELBO {valid_elbo:9.3f}  ({seconds:.1f} s)", file=sys.stderr)
 
     def _valid_elbo(self) -> float:
-        """The one-sample ELBO averaged over the valid split (each rank its part)."""
+        """The one-sample ELBO averaged over the valid split (each rank its part), in eval mode."""
         valid = self.experiment.data["valid"].part(self.ranks.rank, self.ranks.world_size)
         objective = self.objective
+        objective.eval()  # no word dropout and the like; the next epoch sets .train() again
         total = torch.tensor([mean_elbo(objective.model, objective.guide, valid.batches(VALID_BATCH)) * len(valid),
                               float(len(valid))])
         self.ranks.all_reduce_sum_([total])
@@ -407,19 +408,19 @@ def evaluate_run(experiment: Experiment, split: str, num_samples: int, chunk_siz
     result = evaluate(
         experiment.model, experiment.guide, data.batches(batch_size), num_samples,
         chunk_size=chunk_size, num_batches=data.num_batches(batch_size), progress=progress,
+        outputs_per_value=experiment.data.outputs_per_value,
     )
     if decompose:
         parts = decompose_split(experiment.model, experiment.guide, data.batches(batch_size), progress=progress)
         result.extra["decomposition"] = parts.summary()
         if data.labels.dim() == 2:
             result.extra["mig"] = mutual_information_gap(parts.codes, data.labels.cpu().numpy())
-    result.extra.update(bits_per_dim=experiment.data.bits_per_dim(float(-result.log_likelihood.mean())),
-                        split=split, limit=limit, seconds=round(time.perf_counter() - start, 1))
+    result.extra.update(**experiment.data.unit_metrics(result.log_likelihood, data), split=split, limit=limit, seconds=round(time.perf_counter() - start, 1))
     return result
 
 
 def save_latent_pictures(run: RunDir, experiment: Experiment, kl_per_dim: Optional[dict[str, list[float]]] = None) -> None:
-    """For a guide with one continuous latent site (nothing otherwise): the
+    """For images and a guide with one continuous latent site (nothing otherwise): the
     test codes scattered by label (2-D, or their first two principal
     components) with the ellipses of a prior fitted to the codes
     (:mod:`pyro_vae.ex_post`), the decoded manifold of a 2-D latent and,
@@ -430,7 +431,7 @@ def save_latent_pictures(run: RunDir, experiment: Experiment, kl_per_dim: Option
     with torch.no_grad():
         guide_trace, _ = guide_and_model_traces(experiment.model, experiment.guide, x)
     sites = list(latent_sites(guide_trace))
-    if len(sites) != 1 or not is_reparameterized(sites[0][1]):
+    if len(sites) != 1 or not is_reparameterized(sites[0][1]) or experiment.data.modality != "images":
         return
     site = sites[0][0]
     kl = (kl_per_dim or {}).get(site, [])
@@ -486,10 +487,8 @@ def train_and_evaluate(config: ExperimentConfig, run_dir: str | Path, overwrite:
 
     ev = config.eval
     ex_post = fit_ex_post_prior(run, experiment)  # before the samples, which come from it
-    with run.atomic("samples.png") as path:
-        save_samples(experiment.model, experiment.data.event_shape, path)
-    with run.atomic("reconstructions.png") as path:
-        save_reconstructions(experiment.model, experiment.guide, experiment.data[ev.split].batch(slice(0, 32)), path)
+    experiment.objective.eval()  # training-only noise (word dropout) off from here on
+    experiment.data.save_pictures(run, experiment.model, experiment.guide, ev.split)  # the modality's own
     if history:
         with run.atomic("curves.png") as path:
             save_curves(history, path)

@@ -393,7 +393,7 @@ def _peak_memory_child(kind: str, device: str, num_samples: int, queue) -> None:
     """Builds only the model and guide (no dataset), so the peak measured is the evaluation's."""
     torch.set_num_threads(1)
     event_shape = (1, 28, 28)
-    model, guide = build_model_and_guide(load_config(CONFIG), event_shape)
+    model, guide = build_model_and_guide(load_config(CONFIG), {"event_shape": event_shape})
     model, guide = model.to(device), guide.to(device)
     x = torch.bernoulli(torch.full((100, *event_shape), 0.13, device=device))
     if device == "cuda":

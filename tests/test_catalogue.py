@@ -206,7 +206,7 @@ def test_vamp_prior_is_the_mean_of_the_guide_at_its_pseudo_inputs():
     raw = {"data": {"name": "mnist"}, "model": {"name": "mlp", "latent_dim": 3, "hidden": [8]},
            "prior": {"name": "vamp", "pseudo_inputs": 4}, "guide": {"name": "normal", "hidden": [8]},
            "objective": {"name": "meanfield_elbo"}}
-    model, guide = build_model_and_guide(config_from_dict(raw), (1, 4, 4))
+    model, guide = build_model_and_guide(config_from_dict(raw), {"event_shape": (1, 4, 4)})
     prior = model.prior
     assert prior.guide is guide and not any(k.startswith("prior.guide") for k in model.state_dict())
     z = torch.randn(5, 3)
@@ -220,10 +220,10 @@ def test_vamp_prior_is_the_mean_of_the_guide_at_its_pseudo_inputs():
 
     raw["guide"] = {"name": "bernoulli", "hidden": [8]}
     with pytest.raises(ConfigError, match=r"prior 'vamp' needs a guide with a distribution\(x\) method.*BernoulliGuide"):
-        build_model_and_guide(config_from_dict(raw), (1, 4, 4))
+        build_model_and_guide(config_from_dict(raw), {"event_shape": (1, 4, 4)})
     raw["guide"] = {"name": "iaf", "hidden": [8]}
     with pytest.raises(ConfigError, match=r"prior 'vamp' needs a guide whose q\(z\|x\) broadcasts.*IAFGuide"):
-        build_model_and_guide(config_from_dict(raw), (1, 4, 4))
+        build_model_and_guide(config_from_dict(raw), {"event_shape": (1, 4, 4)})
 
 
 @pytest.mark.parametrize("prior,guide,message", [

@@ -23,8 +23,9 @@ Bits per dimension: ``NLL / (D ln 2)`` for binary data (a probability mass),
 """
 from __future__ import annotations
 
-from typing import Iterator, Literal, Optional
+from typing import Any, Iterator, Literal, Optional
 
+import numpy as np
 import torch
 
 import math
@@ -132,6 +133,27 @@ class ImageDataset:
             noise = torch.rand(pixels.shape, generator=fixed).to(device) if dequantize and name != "train" else None
             self.splits[name] = ImageSplit(pixels.to(device), labels.to(device), resample, gray, dequantize, noise)
         self.event_shape = tuple(next(iter(self.splits.values())).pixels.shape[1:])
+
+    @property
+    def spec(self) -> dict[str, Any]:
+        """The data spec the parts are built from (:data:`pyro_vae.registry.DATA_SPEC`)."""
+        return {"event_shape": self.event_shape}
+
+    modality = "images"
+    outputs_per_value = 1  # one logit (or mean) per pixel: sizes the evaluator's chunks
+
+    def unit_metrics(self, log_likelihood: np.ndarray, split: ImageSplit) -> dict[str, Optional[float]]:
+        """The per-datapoint log-likelihoods of ``split`` as bits per dimension."""
+        return {"bits_per_dim": self.bits_per_dim(float(-log_likelihood.mean()))}
+
+    def save_pictures(self, run, model, guide, split: str) -> None:
+        """The end-of-training pictures: prior samples and reconstructions of the split's first 32 images."""
+        from pyro_vae.plots import save_reconstructions, save_samples
+
+        with run.atomic("samples.png") as path:
+            save_samples(model, self.event_shape, path)
+        with run.atomic("reconstructions.png") as path:
+            save_reconstructions(model, guide, self[split].batch(slice(0, 32)), path)
 
     def __getitem__(self, split: str) -> ImageSplit:
         return self.splits[split]

@@ -23,6 +23,7 @@ from pyro_vae.errors import ConfigError
 from pyro_vae.objectives.base import Objective
 from pyro_vae.objectives.baselines import NeuralBaseline, RunningMoments
 from pyro_vae.registry import OBJECTIVES
+from pyro_vae.schedules import Annealing, kl_annealing
 from pyro_vae.traces import draw_particles, has_analytic_kl, is_reparameterized, latent_sites
 
 
@@ -127,17 +128,40 @@ class TraceGraphELBO(Objective):
 
 @OBJECTIVES.register("meanfield_elbo")
 class MeanFieldELBO(Objective):
-    """E_q[log p(x|z)] - KL(q(z|x) || p(z)), KL analytic where registered; score function on the reconstruction term only."""
+    """E_q[log p(x|z)] - KL(q(z|x) || p(z)), KL analytic where registered; KL weight, annealing and free bits as options."""
 
-    def __init__(self, model, guide, num_particles: int = 1):
+    def __init__(self, model, guide, num_particles: int = 1, kl_weight: float = 1.0, kl_annealing: Annealing = "none",
+                 anneal_steps: int = 10_000, cycles: int = 4, cycle_ratio: float = 0.5, free_bits: float = 0.0,
+                 free_bits_per: Literal["dimension", "total"] = "dimension"):
         """As Pyro's ``TraceMeanField_ELBO`` (the same loss and gradients for
         reparameterized guides, tested), and also for score-function sites,
         which Pyro's refuses: their learning signal is ``log p(x | z)`` alone,
         the KL's gradient being exact.  Like Pyro's, it assumes each site's KL
         does not depend on another site's sample (a mean-field guide, a prior
-        without latent parents)."""
+        without latent parents).
+
+        The remedies for posterior collapse change the KL term of the loss
+        (never the reported ELBO) over a minibatch of ``B``::
+
+            loss = -sum_b E_q[log p(x_b | z)] + w(t) * B * F(KL),
+            w(t) = kl_weight * annealing(t)     (:func:`pyro_vae.schedules.kl_annealing`)
+            F = sum_d max(free_bits, (1/B) sum_b KL_bd)   (free_bits_per = "dimension", Kingma et al. 2016)
+            F = max(free_bits, (1/B) sum_b KL_b)          (free_bits_per = "total")
+
+        with ``free_bits = 0``, ``w = 1`` the plain ELBO.
+
+        :param kl_weight: the KL's weight (below 1: a weaker pull to the prior).
+        :param kl_annealing: ``none``, ``linear``, ``sigmoid`` or ``cyclical``, over ``anneal_steps`` optimizer steps.
+        :param cycles: the cyclical schedule's periods; :param cycle_ratio: the rising fraction of each.
+        :param free_bits: ``lambda``, nats of KL (per dimension or in total) the loss does not penalise.
+        """
         super().__init__(model, guide)
+        if kl_weight < 0 or free_bits < 0 or anneal_steps < 1 or cycles < 1 or not 0 < cycle_ratio <= 1:
+            raise ConfigError("meanfield_elbo needs kl_weight >= 0, free_bits >= 0, anneal_steps >= 1, cycles >= 1 "
+                              "and 0 < cycle_ratio <= 1")
         self.num_particles = num_particles
+        self.kl_weight, self.kl_annealing, self.anneal_steps = kl_weight, kl_annealing, anneal_steps
+        self.cycles, self.cycle_ratio, self.free_bits, self.free_bits_per = cycles, cycle_ratio, free_bits, free_bits_per
         self._checked = False
 
     def _check(self, particles) -> None:
@@ -154,12 +178,30 @@ class MeanFieldELBO(Objective):
         per-datapoint KL ``[K, B]``, and any metrics of its own: here the KL."""
         return kl, {}
 
+    def kl_weight_now(self) -> float:
+        """``w(t)`` at the context's step."""
+        return self.kl_weight * kl_annealing(self.kl_annealing, self.context.step, self.anneal_steps, self.cycles,
+                                             self.cycle_ratio)
+
+    def free_bits_penalty(self, particles) -> torch.Tensor:
+        """``B * F(KL)`` (see :meth:`__init__`), the KL averaged over particles first."""
+        if self.free_bits_per == "dimension":
+            kl = particles.kl_per_dimension().mean(0)  # [B, D]
+            return kl.shape[0] * kl.mean(0).clamp_min(self.free_bits).sum()
+        kl = particles.kl().mean(0)  # [B]
+        return kl.shape[0] * kl.mean().clamp_min(self.free_bits)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         particles = draw_particles(self.model, self.guide, x, self.num_particles, self.nesting(x))
         if not self._checked:
             self._check(particles)
         log_likelihood, kl = particles.log_likelihood(), particles.kl()
-        penalty, metrics = self.penalty(kl)
-        surrogate = log_likelihood - penalty + score_term(log_likelihood, particles.log_guide(reparameterized=False))
-        loss = -surrogate.mean(0).sum()
+        signal = log_likelihood + score_term(log_likelihood, particles.log_guide(reparameterized=False))
+        if self.free_bits > 0 or self.kl_weight != 1 or self.kl_annealing != "none":
+            weight = self.kl_weight_now()
+            loss = -signal.mean(0).sum() + weight * self.free_bits_penalty(particles)
+            metrics = {"kl_weight": torch.tensor(weight)}
+        else:
+            penalty, metrics = self.penalty(kl)
+            loss = -(signal - penalty).mean(0).sum()
         return self.report(loss, x.shape[0], elbo=log_likelihood - kl, kl=kl, **metrics)

@@ -1,0 +1,152 @@
+"""Text as a data modality: the vocabulary and batches, the sentence VAE's
+masked likelihood, its encoder, and the evaluator on sentences."""
+import math
+
+import numpy as np
+import pyro
+import pyro.poutine as poutine
+import pytest
+import torch
+
+from pyro_vae import registry
+from pyro_vae.config import config_from_dict
+from pyro_vae.data.text import EOS, PAD, UNK, TextDataset, Vocabulary
+from pyro_vae.errors import ConfigError, DataError
+from pyro_vae.evaluate import evaluate
+from pyro_vae.experiment import Experiment
+from pyro_vae.traces import OBSERVED_SITE
+
+SENTENCES = {
+    "train": [s.split() for s in ["the cat sat", "the dog sat down", "a cat ran", "the cat ran home fast",
+                                  "a dog", "dogs and cats sat together on the mat"]],
+    "valid": [s.split() for s in ["the cat", "a zebra sat"]],
+    "test": [s.split() for s in ["the dog ran", "a cat sat down on the mat", "zebra"]],
+}
+
+
+def small_dataset(**options):
+    return TextDataset(SENTENCES, torch.device("cpu"), max_length=10, **options)
+
+
+def test_vocabulary_is_built_on_train_and_maps_unknown_words_to_unk(tmp_path):
+    data = small_dataset(vocab_size=4)
+    vocab = data.vocabulary
+    assert vocab.words == ["<pad>", "<unk>", "<bos>", "<eos>", "the", "cat", "sat", "a"]  # most frequent 4
+    assert vocab.encode("the zebra sat".split()) == [4, UNK, 6, EOS]
+    assert vocab.decode([4, 5, EOS, 6]) == "the cat"
+    assert Vocabulary.build(SENTENCES["train"], min_count=2).words[4:] == ["the", "cat", "sat", "a", "dog", "ran"]
+    vocab.save(tmp_path / "v.json")
+    assert Vocabulary.load(tmp_path / "v.json").words == vocab.words
+    (tmp_path / "bad.json").write_text('["a", "b"]')
+    with pytest.raises(DataError, match="is not a vocabulary"):
+        Vocabulary.load(tmp_path / "bad.json")
+
+
+def test_batches_are_cut_to_their_longest_sentence_and_grouped_by_length():
+    data = small_dataset()
+    test = data["test"]
+    assert test.lengths.tolist() == [4, 8, 2]  # words + <eos>
+    assert test.batch(slice(0, 1)).shape == (1, 4) and test.batch(slice(0, 3)).shape == (3, 8)
+    assert test.batch(slice(2, 3)).tolist() == [[UNK, EOS]]
+    order = data["train"].permutation(torch.Generator().manual_seed(0))
+    assert sorted(order.tolist()) == list(range(6))
+    assert data["train"].lengths[order].tolist() == sorted(data["train"].lengths.tolist())  # one pool: sorted
+    long = TextDataset({"train": [["w"] * 12, ["w"]], "valid": [["w"]], "test": [["w"]]}, torch.device("cpu"), 10)
+    assert len(long["train"]) == 1 and long.dropped["train"] == 1
+    cut = TextDataset({"train": [["w"] * 12], "valid": [["w"]], "test": [["w"]]}, torch.device("cpu"), 10, truncate=True)
+    assert cut["train"].lengths.tolist() == [11]
+
+
+def build(condition="init", word_dropout=0.0, latent_dim=3):
+    data = small_dataset()
+    prior = registry.PRIORS.build("standard_normal", {}, latent_dim=latent_dim)
+    model = registry.MODELS.build("sentence", {"latent_dim": latent_dim, "embedding": 8, "hidden": 16,
+                                               "condition": condition, "word_dropout": word_dropout},
+                                  prior=prior, **data.spec)
+    guide = registry.GUIDES.build("lstm", {"embedding": 8, "hidden": 16, "bidirectional": True},
+                                  latent_dim=latent_dim, **data.spec)
+    return data, model.eval(), guide.eval()
+
+
+@pytest.mark.parametrize("condition", ["init", "input", "both"])
+def test_padding_never_changes_a_sentence_score_or_its_code(condition):
+    """A sentence scored alone ([1, T]) and inside a padded batch ([3, T_max])
+    at the same z gets the same log p(x | z); the encoder gives it the same
+    q(z | x) (packed sequences: the backward direction starts at its own end)."""
+    data, model, guide = build(condition)
+    batch = data["test"].batch(slice(0, 3))  # lengths 4, 8, 2: the first and last are padded
+    z = torch.randn(3, 3)
+    conditioned = poutine.condition(model, data={"z": z})
+    in_batch = poutine.trace(conditioned).get_trace(batch).nodes[OBSERVED_SITE]
+    q_batch = guide.distribution(batch)
+    for i in (0, 2):
+        alone = data["test"].batch(slice(i, i + 1))
+        trace = poutine.trace(poutine.condition(model, data={"z": z[i:i + 1]})).get_trace(alone)
+        assert torch.allclose(trace.nodes[OBSERVED_SITE]["fn"].log_prob(alone), in_batch["fn"].log_prob(batch)[i:i + 1],
+                              atol=1e-5)
+        q_alone = guide.distribution(alone)
+        assert torch.allclose(q_alone.mean, q_batch.mean[i:i + 1], atol=1e-6)
+        assert torch.allclose(q_alone.stddev, q_batch.stddev[i:i + 1], atol=1e-6)
+    # the masked log-likelihood is the sum of the word log-probabilities, <eos> included, padding excluded
+    logits = model.logits(z, batch)
+    words = torch.distributions.Categorical(logits=logits).log_prob(batch)
+    expected = (words * (batch != PAD)).sum(-1)
+    assert torch.allclose(in_batch["fn"].log_prob(batch), expected, atol=1e-5)
+
+
+def test_a_decoder_that_ignores_z_has_is_likelihood_equal_to_its_language_model_for_every_k():
+    """condition = "none" and q(z|x) = p(z) (a collapsed guide: zero encoder
+    head, scale 1): every log weight is log p_LM(x), so L_K = log p_LM(x) for
+    every K, computed here from the LSTM by teacher forcing."""
+    data, model, guide = build("none")
+    with torch.no_grad():
+        guide.head.weight.zero_()
+        guide.head.bias.copy_(torch.cat([torch.zeros(3), torch.full((3,), math.log(math.expm1(1 - 1e-4)))]))
+    x = data["test"].batch(slice(0, 3))
+    with torch.no_grad():
+        lm = (torch.distributions.Categorical(logits=model.logits(torch.zeros(3, 3), x)).log_prob(x) * (x != PAD)).sum(-1)
+    for k in (1, 7, 50):
+        result = evaluate(model, guide, [x], k, chunk_size=4, progress=False)
+        assert np.allclose(result.log_likelihood, lm.double().numpy(), atol=1e-4), k
+        assert np.allclose(result.elbo, lm.double().numpy(), atol=1e-4)
+
+
+def test_word_dropout_acts_in_training_mode_only():
+    data, model, _ = build(word_dropout=0.5)
+    x, z = data["train"].batch(slice(0, 6)), torch.randn(6, 3)
+    assert torch.equal(model.logits(z, x), model.logits(z, x))  # eval mode: deterministic
+    model.train()
+    torch.manual_seed(0)
+    assert not torch.allclose(model.logits(z, x), model.eval().logits(z, x))
+
+
+def test_perplexity_counts_eos_and_not_padding():
+    data = small_dataset()
+    log_likelihood = np.array([-4.0, -10.0, -2.0])
+    metrics = data.unit_metrics(log_likelihood, data["test"])
+    assert metrics["words"] == 4 + 8 + 2 and metrics["perplexity"] == pytest.approx(math.exp(16.0 / 14))
+
+
+def test_a_part_of_another_modality_is_refused_naming_what_it_needs(tiny_raw):
+    tiny_raw["model"] = {"name": "sentence", "latent_dim": 4}
+    with pytest.raises(ConfigError, match=r"model 'sentence' needs vocab_size, pad_id from the data, which this "
+                                          r"dataset does not give \(its data spec: event_shape\)"):
+        Experiment.build(config_from_dict(tiny_raw))
+
+
+def test_the_ptb_config_trains_a_step_and_evaluates(tmp_path):
+    """configs/ptb_sentence.toml on 300 PTB sentences, small widths: one
+    epoch, an evaluation with perplexity, and sentences.txt."""
+    from pyro_vae.config import load_config
+    from pyro_vae.train import train_and_evaluate
+
+    config = load_config("configs/ptb_sentence.toml", [
+        "data.limit=300", "model.hidden=32", "model.embedding=16", "guide.hidden=32", "guide.embedding=16",
+        "train.epochs=1", "eval.iw_samples=10", "eval.limit=20", "train.device=cpu"])
+    report = train_and_evaluate(config, tmp_path / "run", progress=False)
+    ev = report["eval"]
+    assert ev["perplexity"] == pytest.approx(math.exp(ev["iw_nll"] * ev["num_datapoints"] / ev["words"]), rel=1e-6)
+    assert math.isfinite(ev["perplexity"]) and ev["perplexity"] > 1
+    text = (tmp_path / "run" / "sentences.txt").read_text()
+    assert "# greedy decodings of z ~ p(z)" in text and "# reconstructions" in text
+    assert (tmp_path / "run" / "vocabulary.json").is_file()
