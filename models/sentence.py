@@ -103,6 +103,44 @@ class SentenceDecoder(PartModule):
             words = dist.Categorical(logits=self.logits(z, x)).mask(x != self.pad_id).to_event(1)
             pyro.sample(OBSERVED_SITE, words, obs=x)
 
+    def next_word_logits(self, logits: torch.Tensor) -> torch.Tensor:
+        """The last position's logits ``[N, V]`` with ``<pad>`` and ``<bos>`` ruled
+        out: neither is ever a sentence's next word."""
+        logits = logits[:, -1].clone()
+        logits[:, [self.pad_id, BOS]] = float("-inf")
+        return logits
+
+    @torch.no_grad()
+    def beam_search(self, z: torch.Tensor, max_length: int, eos_id: int, beam_size: int = 5) -> torch.Tensor:
+        """The most probable sentence under ``p(x | z)`` each ``z`` ``[N, D]``
+        keeps among ``beam_size`` hypotheses extended one word at a time
+        (scores: summed word log-probabilities; a hypothesis that has emitted
+        ``<eos>`` keeps its score and grows padding only): ``[N, <= max_length]``."""
+        n, device = z.shape[0], z.device
+        z = z.repeat_interleave(beam_size, 0)  # [N * beam, D]
+        scores = torch.full((n, beam_size), float("-inf"), device=device)
+        scores[:, 0] = 0.0  # one live hypothesis to start from
+        words = torch.full((n * beam_size, 1), BOS, dtype=torch.long, device=device)
+        finished = torch.zeros(n * beam_size, dtype=torch.bool, device=device)
+        state, history = None, torch.zeros(n * beam_size, 0, dtype=torch.long, device=device)
+        for _ in range(max_length):
+            logits, state = self.step_logits(z, words, state)
+            log_probs = self.next_word_logits(logits).log_softmax(-1)
+            pad_only = torch.full_like(log_probs, float("-inf"))
+            pad_only[:, self.pad_id] = 0.0
+            log_probs = torch.where(finished.unsqueeze(1), pad_only, log_probs)
+            vocab = log_probs.shape[-1]
+            candidates = (scores.reshape(-1, 1) + log_probs).reshape(n, beam_size * vocab)
+            scores, best = candidates.topk(beam_size, -1)
+            parent = (best // vocab + torch.arange(n, device=device).unsqueeze(1) * beam_size).reshape(-1)
+            words = (best % vocab).reshape(-1, 1)
+            history = torch.cat([history[parent], words], 1)
+            finished = finished[parent] | (words[:, 0] == eos_id)
+            state = tuple(s[:, parent] for s in state)
+            if bool(finished.all()):
+                break
+        return history.reshape(n, beam_size, -1)[:, 0]
+
     @torch.no_grad()
     def generate(self, z: torch.Tensor, max_length: int, eos_id: int, mode: Literal["greedy", "sample"] = "greedy",
                  temperature: float = 1.0) -> torch.Tensor:
@@ -115,7 +153,7 @@ class SentenceDecoder(PartModule):
         state, out = None, []
         for _ in range(max_length):
             logits, state = self.step_logits(z, words, state)
-            logits = logits[:, -1]
+            logits = self.next_word_logits(logits)
             words = (logits.argmax(-1) if mode == "greedy"
                      else torch.distributions.Categorical(logits=logits / temperature).sample()).unsqueeze(1)
             out.append(torch.where(finished, torch.full_like(words[:, 0], self.pad_id), words[:, 0]))

@@ -6,6 +6,7 @@
                           [--from-previous-checkpoint]
     pyro-vae evaluate RUN_DIR [--iw-samples K] [--split test] [--limit N] [--chunk-size C|auto] [--device D]
                               [--decompose] [--sample-quality [--samples N]]
+    pyro-vae sample RUN_DIR [-n N] [--mode greedy|sample|beam] [--interpolate A B] [--reconstruct S ...]
     pyro-vae classifier train [--epochs E]
     pyro-vae list
 
@@ -149,6 +150,30 @@ def _classifier_train(args: argparse.Namespace) -> None:
           f"{classifier_path()}")
 
 
+def _sample(args: argparse.Namespace) -> None:
+    from pyro_vae.rundir import RunDir
+    from pyro_vae.sentences import SentenceVAE
+
+    experiment, _ = RunDir(args.run_dir).load_trained()
+    try:
+        vae = SentenceVAE(experiment)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+    options = {"temperature": args.temperature} if args.mode == "sample" else \
+        {"beam_size": args.beam_size} if args.mode == "beam" else {}
+    if args.seed is not None:
+        import pyro
+
+        pyro.set_rng_seed(args.seed)
+    if args.interpolate:
+        lines = vae.interpolate(*args.interpolate, steps=args.steps, mode=args.mode, **options)
+    elif args.reconstruct:
+        lines = [f"{s}\n> {r}" for s, r in zip(args.reconstruct, vae.reconstruct(args.reconstruct, args.mode, **options))]
+    else:
+        lines = vae.sample(args.n, args.mode, **options)
+    print("\n".join(lines))
+
+
 def _list(args: argparse.Namespace) -> None:
     registry.load_catalogue()
     for section, table in registry.ALL.items():
@@ -196,6 +221,21 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--samples", type=positive_int, default=10_000, help="samples scored by --sample-quality")
     ev.add_argument("--quiet", action="store_true", help="no progress bar")
     ev.set_defaults(func=_evaluate)
+
+    sample = sub.add_parser("sample", help="decode sentences from a trained text run: samples from the prior, "
+                                           "reconstructions, or an interpolation between two sentences")
+    sample.add_argument("run_dir", type=Path)
+    sample.add_argument("-n", type=positive_int, default=10, help="sentences drawn from the prior")
+    sample.add_argument("--mode", choices=["greedy", "sample", "beam"], default="greedy",
+                        help="decoding: the most probable word each step, a draw, or beam search")
+    sample.add_argument("--temperature", type=float, default=1.0, help="softmax temperature of --mode sample")
+    sample.add_argument("--beam-size", type=positive_int, default=5)
+    sample.add_argument("--interpolate", nargs=2, metavar=("A", "B"),
+                        help="decode --steps codes evenly spaced between the codes of sentences A and B")
+    sample.add_argument("--steps", type=positive_int, default=8)
+    sample.add_argument("--reconstruct", nargs="+", metavar="SENTENCE", help="encode and decode these sentences")
+    sample.add_argument("--seed", type=int, help="seed the prior draws and sampled words")
+    sample.set_defaults(func=_sample)
 
     classifier = sub.add_parser("classifier", help="the MNIST digit classifier that scores samples")
     classifier_sub = classifier.add_subparsers(dest="action", required=True)

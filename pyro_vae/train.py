@@ -142,9 +142,16 @@ class Trainer:
             self._restore(state)
         objective.context = TrainingContext(
             step=self.state.epoch * self.steps_per_epoch + self.state.step_in_epoch,
-            epoch=self.state.epoch + 1, num_train=len(self.train_split), steps_per_epoch=self.steps_per_epoch)
+            epoch=self.state.epoch + 1, num_train=len(self.train_split), steps_per_epoch=self.steps_per_epoch,
+            draw_batch=self._random_batch)
         self.last_checkpoint = time.monotonic()
         self.last_checkpoint_step: Optional[int] = None  # context.step of this call's newest checkpoint
+
+    def _random_batch(self) -> torch.Tensor:
+        """``batch_size`` training datapoints drawn uniformly (with replacement), from the trainer's generator."""
+        index = torch.randint(len(self.train_split), (self.cfg.batch_size,), device=self.experiment.device,
+                              generator=self.generator)
+        return self.train_split.batch(index, self.generator)
 
     def _restore(self, state: dict[str, Any]) -> None:
         exp, objective = self.experiment, self.objective
@@ -335,7 +342,8 @@ class Trainer:
             raise self._diverged(f"the valid ELBO became {valid_elbo}")
         seconds = s.seconds + time.perf_counter() - start
         lr = self.optimizer.param_groups[0]["lr"]  # after the epoch's last step (it varies under a schedule)
-        s.finish_epoch({"epoch": epoch, **metrics, "valid_elbo": valid_elbo, "lr": lr, "seconds": seconds})
+        ends = objective.end_epoch(self.experiment.data["valid"])  # e.g. the end of aggressive encoder updates
+        s.finish_epoch({"epoch": epoch, **metrics, "valid_elbo": valid_elbo, **ends, "lr": lr, "seconds": seconds})
         self.checkpoint()
         if self.ranks.is_main:
             self.run.write_metrics(s.history)
@@ -349,10 +357,9 @@ class Trainer:
                        f"valid ELBO {valid_elbo:9.3f}  ({seconds:.1f} s)", file=sys.stderr)
 
     def _valid_elbo(self) -> float:
-        """The one-sample ELBO averaged over the valid split (each rank its part), in eval mode."""
+        """The one-sample ELBO averaged over the valid split (each rank its part)."""
         valid = self.experiment.data["valid"].part(self.ranks.rank, self.ranks.world_size)
         objective = self.objective
-        objective.eval()  # no word dropout and the like; the next epoch sets .train() again
         total = torch.tensor([mean_elbo(objective.model, objective.guide, valid.batches(VALID_BATCH)) * len(valid),
                               float(len(valid))])
         self.ranks.all_reduce_sum_([total])
@@ -413,7 +420,7 @@ def evaluate_run(experiment: Experiment, split: str, num_samples: int, chunk_siz
     if decompose:
         parts = decompose_split(experiment.model, experiment.guide, data.batches(batch_size), progress=progress)
         result.extra["decomposition"] = parts.summary()
-        if data.labels.dim() == 2:
+        if data.labels.dim() == 2 and data.labels.shape[1] > 0:  # known generative factors
             result.extra["mig"] = mutual_information_gap(parts.codes, data.labels.cpu().numpy())
     result.extra.update(**experiment.data.unit_metrics(result.log_likelihood, data), split=split, limit=limit, seconds=round(time.perf_counter() - start, 1))
     return result

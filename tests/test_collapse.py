@@ -88,3 +88,62 @@ def test_annealing_reads_the_training_step(tiny_raw):
     exp.objective.context.step = 50
     exp.objective(x)
     assert float(exp.objective.metrics["kl_weight"]) == 0.5
+
+
+def test_aggressive_updates_train_the_guide_alone_then_the_model_then_end_when_mi_stops_rising(tiny_raw, tmp_path):
+    """During the phase a step leaves the model's parameters as they were
+    through the guide's inner steps (Adam untouched for them) and then moves
+    only the model; the phase ends at the first epoch whose valid I(x; z)
+    does not exceed the best so far, and is checkpointed."""
+    from pyro_vae.objectives import TrainingContext
+
+    exp = experiment(tiny_raw, aggressive=True, inner_steps=20, mi_datapoints=100)
+    objective = exp.objective
+    train = exp.data["train"]
+    draws = []
+
+    def draw():
+        draws.append(1)
+        return train.batch(torch.randint(len(train), (50,)))
+
+    objective.context = TrainingContext(draw_batch=draw)
+    optimizer = torch.optim.Adam(objective.parameters(), lr=1e-2)
+    model_before = [p.detach().clone() for p in exp.model.parameters()]
+    guide_before = [p.detach().clone() for p in exp.guide.parameters()]
+    seen = {}
+
+    def spy(step):
+        def wrapped(*args, **kwargs):
+            seen.setdefault("model_moved", []).append(
+                any(not torch.equal(p, q) for p, q in zip(exp.model.parameters(), model_before)))
+            return step(*args, **kwargs)
+        return wrapped
+
+    optimizer.step = spy(optimizer.step)
+    objective.step(train.batch(slice(0, 50)), optimizer)
+    assert 10 <= len(draws) <= 20 and len(seen["model_moved"]) == len(draws) + 1
+    assert not any(seen["model_moved"][:-1])  # the inner steps never touch the model
+    guide_after = [p.detach().clone() for p in exp.guide.parameters()]
+    assert any(not torch.equal(p, q) for p, q in zip(guide_after, guide_before))
+    assert any(not torch.equal(p, q) for p, q in zip(exp.model.parameters(), model_before))  # the model's own step
+    # ... which leaves the guide where its inner steps put it
+    assert all(torch.equal(p, q) for p, q in zip(exp.guide.parameters(), guide_after))
+
+    first = objective.end_epoch(exp.data["valid"])
+    assert first["aggressive"] == 1.0 and math.isfinite(first["valid_mutual_information"])
+    objective.best_mutual_information.fill_(1e9)  # no epoch can beat it: the phase ends
+    assert objective.end_epoch(exp.data["valid"])["aggressive"] == 0.0
+    assert objective.end_epoch(exp.data["valid"]) == {}
+    assert not bool(objective.own_state_dict()["aggressive_phase"])
+
+
+def test_aggressive_training_runs_through_the_trainer(tiny_raw, tmp_path):
+    import csv
+
+    from pyro_vae.train import train_and_evaluate
+
+    tiny_raw["objective"] = {"name": "meanfield_elbo", "aggressive": True, "inner_steps": 10, "mi_datapoints": 100}
+    tiny_raw["train"]["limit"] = 300
+    train_and_evaluate(config_from_dict(tiny_raw), tmp_path / "run", progress=False, evaluate_after=False)
+    row = next(csv.DictReader(open(tmp_path / "run" / "metrics.csv")))
+    assert math.isfinite(float(row["valid_mutual_information"])) and row["aggressive"] == "1.0"

@@ -150,3 +150,73 @@ def test_the_ptb_config_trains_a_step_and_evaluates(tmp_path):
     text = (tmp_path / "run" / "sentences.txt").read_text()
     assert "# greedy decodings of z ~ p(z)" in text and "# reconstructions" in text
     assert (tmp_path / "run" / "vocabulary.json").is_file()
+
+
+def test_beam_search_finds_the_most_probable_sentence_and_greedy_is_a_beam_of_one():
+    """On a 6-word vocabulary with sentences of at most 3 words, a beam as
+    wide as every sequence is exhaustive: its sentence has the highest
+    log p(x | z) of all sentences of words, <unk> and <eos> (never <pad> or
+    <bos>), enumerated here; beam_size = 1 is greedy decoding."""
+    import itertools
+
+    vocab = Vocabulary(["a", "b"])
+    data = TextDataset({"train": [["a"]], "valid": [["a"]], "test": [["b"]]}, torch.device("cpu"), 3,
+                       vocabulary=vocab)
+    prior = registry.PRIORS.build("standard_normal", {}, latent_dim=2)
+    model = registry.MODELS.build("sentence", {"latent_dim": 2, "embedding": 4, "hidden": 8}, prior=prior,
+                                  **data.spec).eval()
+    torch.manual_seed(4)
+    for p in model.parameters():
+        torch.nn.init.normal_(p, std=1.5)
+    z = torch.randn(3, 2)
+
+    @torch.no_grad()
+    def score(ids, zi):
+        x = torch.tensor([ids])
+        logits = model.logits(zi.unsqueeze(0), x)
+        return float(torch.distributions.Categorical(logits=logits).log_prob(x).sum())
+
+    for i in range(3):
+        candidates = [list(body) + [EOS] for n in range(3) for body in itertools.product([UNK, 4, 5], repeat=n)]
+        candidates += [list(body) for body in itertools.product([UNK, 4, 5], repeat=3)]  # cut at max_length
+        best = max(candidates, key=lambda ids: score(ids, z[i]))
+        found = [t for t in model.beam_search(z[i:i + 1], 3, EOS, beam_size=6 ** 3)[0].tolist()]
+        found = found[:found.index(EOS) + 1] if EOS in found else found
+        assert score(found, z[i]) >= score(best, z[i]) - 1e-4
+    assert torch.equal(model.beam_search(z, 3, EOS, beam_size=1), model.generate(z, 3, EOS))
+
+
+def test_sentence_api_and_sample_command_on_a_sentence_file(tmp_path, capsys):
+    """A UTF-8 file of sentences trains a tiny run; `pyro-vae sample` decodes
+    prior samples, reconstructions and an interpolation with each decoder."""
+    import tomli_w
+
+    from pyro_vae.cli import main
+    from pyro_vae.rundir import RunDir
+    from pyro_vae.sentences import SentenceVAE
+
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(" ".join(s) for split in SENTENCES.values() for s in split) * 5, encoding="utf-8")
+    config = {"data": {"name": "sentences", "path": str(corpus), "max_length": 12},
+              "model": {"name": "sentence", "latent_dim": 3, "embedding": 8, "hidden": 16},
+              "prior": {"name": "standard_normal"}, "guide": {"name": "lstm", "embedding": 8, "hidden": 16},
+              "objective": {"name": "meanfield_elbo"},
+              "train": {"epochs": 1, "batch_size": 8, "device": "cpu"}, "eval": {"iw_samples": 5, "chunk_size": 5}}
+    (tmp_path / "c.toml").write_text(tomli_w.dumps(config))
+    assert main(["train", str(tmp_path / "c.toml"), "--run-dir", str(tmp_path / "run"), "--quiet"]) == 0
+    capsys.readouterr()
+    experiment, _ = RunDir(tmp_path / "run").load_trained()
+    vae = SentenceVAE(experiment)
+    assert len(vae.sample(4, "sample", temperature=0.5)) == 4 and len(vae.sample(2, "beam", beam_size=3)) == 2
+    assert vae.encode(["the cat sat", "a dog"]).shape == (2, 3)
+    path = vae.interpolate("the cat sat", "a dog", steps=5)
+    assert len(path) == 5 and all(isinstance(s, str) for s in path)
+    assert main(["sample", str(tmp_path / "run"), "--interpolate", "the cat sat", "a dog", "--steps", "3"]) == 0
+    assert capsys.readouterr().out.count("\n") == 3  # one line each (an untrained decoder may give empty ones)
+    assert main(["sample", str(tmp_path / "run"), "--reconstruct", "the cat sat", "--mode", "beam"]) == 0
+    assert capsys.readouterr().out.startswith("the cat sat\n> ")
+    (tmp_path / "bad.txt").write_bytes(b"\xff\xfe\x00bad")
+    config["data"]["path"] = str(tmp_path / "bad.txt")
+    (tmp_path / "bad.toml").write_text(tomli_w.dumps(config))
+    assert main(["train", str(tmp_path / "bad.toml"), "--run-dir", str(tmp_path / "bad")]) == 2
+    assert "give data.path a UTF-8 file of one sentence per line" in capsys.readouterr().err

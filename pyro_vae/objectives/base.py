@@ -17,7 +17,7 @@ trainer logs them; it never derives the ELBO from the loss.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import pyro
 import torch
@@ -34,12 +34,16 @@ class TrainingContext:
     :param epoch: the current epoch (1-based).
     :param num_train: datapoints in the training split (``None``: unknown).
     :param steps_per_epoch: optimizer steps in an epoch (``None``: unknown).
+    :param draw_batch: a random training minibatch of the trainer's size on
+        each call (``None`` outside the trainer), for objectives whose step
+        takes more than one (aggressive encoder updates).
     """
 
     step: int = 0
     epoch: int = 1
     num_train: Optional[int] = None
     steps_per_epoch: Optional[int] = None
+    draw_batch: Optional[Callable[[], torch.Tensor]] = None
 
 
 class Objective(torch.nn.Module):
@@ -105,6 +109,12 @@ class Objective(torch.nn.Module):
         loss.backward()
         optimizer.step()
         return loss.detach()
+
+    def end_epoch(self, valid) -> dict[str, float]:
+        """Called by the trainer after each epoch with the valid split (an
+        ``ImageSplit``/``TextSplit``); returns metrics for the epoch's row.
+        Nothing by default."""
+        return {}
 
     def own_state_dict(self) -> dict[str, torch.Tensor]:
         """The objective's state besides the model's and guide's (baselines,

@@ -132,7 +132,8 @@ class MeanFieldELBO(Objective):
 
     def __init__(self, model, guide, num_particles: int = 1, kl_weight: float = 1.0, kl_annealing: Annealing = "none",
                  anneal_steps: int = 10_000, cycles: int = 4, cycle_ratio: float = 0.5, free_bits: float = 0.0,
-                 free_bits_per: Literal["dimension", "total"] = "dimension"):
+                 free_bits_per: Literal["dimension", "total"] = "dimension", aggressive: bool = False,
+                 inner_steps: int = 100, mi_datapoints: int = 2000):
         """As Pyro's ``TraceMeanField_ELBO`` (the same loss and gradients for
         reparameterized guides, tested), and also for score-function sites,
         which Pyro's refuses: their learning signal is ``log p(x | z)`` alone,
@@ -154,6 +155,14 @@ class MeanFieldELBO(Objective):
         :param kl_annealing: ``none``, ``linear``, ``sigmoid`` or ``cyclical``, over ``anneal_steps`` optimizer steps.
         :param cycles: the cyclical schedule's periods; :param cycle_ratio: the rising fraction of each.
         :param free_bits: ``lambda``, nats of KL (per dimension or in total) the loss does not penalise.
+        :param aggressive: He et al. (2019)'s aggressive encoder updates: while
+            the phase lasts, each step first updates the guide alone on fresh
+            training minibatches, up to ``inner_steps`` of them, until the loss
+            summed over 10 of them stops falling, then the model alone on the
+            step's batch; after each epoch the mutual information I(x; z) of
+            the first ``mi_datapoints`` valid datapoints (:mod:`pyro_vae.decompose`)
+            is measured and the phase ends when it no longer rises.  Then
+            steps are the usual joint ones.  One process only.
         """
         super().__init__(model, guide)
         if kl_weight < 0 or free_bits < 0 or anneal_steps < 1 or cycles < 1 or not 0 < cycle_ratio <= 1:
@@ -162,7 +171,59 @@ class MeanFieldELBO(Objective):
         self.num_particles = num_particles
         self.kl_weight, self.kl_annealing, self.anneal_steps = kl_weight, kl_annealing, anneal_steps
         self.cycles, self.cycle_ratio, self.free_bits, self.free_bits_per = cycles, cycle_ratio, free_bits, free_bits_per
+        self.aggressive, self.inner_steps, self.mi_datapoints = aggressive, inner_steps, mi_datapoints
+        if aggressive:  # the phase and the best MI so far, checkpointed with the objective's state
+            self.register_buffer("aggressive_phase", torch.tensor(True))
+            self.register_buffer("best_mutual_information", torch.tensor(float("-inf")))
         self._checked = False
+
+    def step(self, x: torch.Tensor, optimizer) -> torch.Tensor:
+        """A joint step, or during the aggressive phase the guide's inner steps then the model's step."""
+        if not (self.aggressive and bool(self.aggressive_phase)):
+            return super().step(x, optimizer)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            raise ConfigError("meanfield_elbo's aggressive encoder updates run in one process only (torchrun: 1)")
+        if self.context.draw_batch is None:
+            raise ConfigError("aggressive encoder updates draw their own minibatches: train through the trainer")
+        previous, window = float("inf"), 0.0
+        for inner in range(1, self.inner_steps + 1):
+            window += float(self._partial_step(self.context.draw_batch(), optimizer, self.guide))
+            if inner % 10 == 0:
+                if window > previous:
+                    break
+                previous, window = window, 0.0
+        return self._partial_step(x, optimizer, self.model)
+
+    def _partial_step(self, x: torch.Tensor, optimizer, part: torch.nn.Module) -> torch.Tensor:
+        """An optimizer step on ``part``'s parameters alone: the others' gradients
+        are unset, so Adam leaves them and their moments untouched."""
+        loss = self(x)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        trained = {id(p) for p in part.parameters()}
+        for p in self.parameters():
+            if id(p) not in trained:
+                p.grad = None
+        optimizer.step()
+        return loss.detach()
+
+    def end_epoch(self, valid) -> dict[str, float]:
+        """During the aggressive phase: I(x; z) on the valid datapoints, and the phase's end once it stops rising."""
+        if not (self.aggressive and bool(self.aggressive_phase)):
+            return {}
+        from pyro_vae.decompose import decompose
+
+        data = valid.head(self.mi_datapoints) if len(valid) > self.mi_datapoints else valid
+        was_training = self.training
+        self.eval()
+        mutual_information = decompose(self.model, self.guide, data.batches(100), progress=False) \
+            .summary()["mutual_information"]["mean"]
+        self.train(was_training)
+        if mutual_information <= float(self.best_mutual_information):
+            self.aggressive_phase.fill_(False)
+        else:
+            self.best_mutual_information.fill_(mutual_information)
+        return {"valid_mutual_information": mutual_information, "aggressive": float(bool(self.aggressive_phase))}
 
     def _check(self, particles) -> None:
         for name, site in latent_sites(particles.guide_trace):
