@@ -54,7 +54,8 @@ from pyro_vae.traces import guide_and_model_traces, is_reparameterized, latent_s
 
 log = logging.getLogger("pyro_vae")
 
-VALID_BATCH = 1000
+VALID_BATCH = 1000  # datapoints a validation batch, at most
+VALID_OUTPUTS = 50_000_000  # and at most this many model outputs (a sentence's T x vocabulary logits)
 REPORT_EVERY = 50  # steps between progress-bar updates
 RANK_SEED_STRIDE = 7_919  # separates the ranks' random streams
 SCATTER_POINTS = 5000  # test images in the latent scatter
@@ -343,6 +344,8 @@ class Trainer:
         seconds = s.seconds + time.perf_counter() - start
         lr = self.optimizer.param_groups[0]["lr"]  # after the epoch's last step (it varies under a schedule)
         ends = objective.end_epoch(self.experiment.data["valid"])  # e.g. the end of aggressive encoder updates
+        if cfg.latent_diagnostics:
+            ends.update(self._latent_diagnostics(cfg.latent_diagnostics))
         s.finish_epoch({"epoch": epoch, **metrics, "valid_elbo": valid_elbo, **ends, "lr": lr, "seconds": seconds})
         self.checkpoint()
         if self.ranks.is_main:
@@ -356,11 +359,27 @@ class Trainer:
             tqdm.write(f"epoch {epoch:>4}  loss {row['train_loss']:9.3f}  {train_elbo}"
                        f"valid ELBO {valid_elbo:9.3f}  ({seconds:.1f} s)", file=sys.stderr)
 
+    def _valid_batch(self) -> int:
+        """Validation batch size: :data:`VALID_BATCH`, or fewer where a datapoint's outputs are many."""
+        data = self.experiment.data
+        outputs = math.prod(data.event_shape) * data.outputs_per_value
+        return max(1, min(VALID_BATCH, VALID_OUTPUTS // outputs))
+
+    def _latent_diagnostics(self, datapoints: int) -> dict[str, float]:
+        """I(x; z), active units and KL over the first ``datapoints`` valid
+        datapoints (:mod:`pyro_vae.decompose`), the signs of posterior collapse."""
+        valid = self.experiment.data["valid"]
+        parts = decompose_split(self.objective.model, self.objective.guide,
+                                valid.head(min(datapoints, len(valid))).batches(self._valid_batch()), progress=False)
+        summary = parts.summary()
+        return {"valid_mutual_information": summary["mutual_information"]["mean"],
+                "valid_active_units": summary["active_units"], "valid_kl": summary["kl"]["mean"]}
+
     def _valid_elbo(self) -> float:
         """The one-sample ELBO averaged over the valid split (each rank its part)."""
         valid = self.experiment.data["valid"].part(self.ranks.rank, self.ranks.world_size)
         objective = self.objective
-        total = torch.tensor([mean_elbo(objective.model, objective.guide, valid.batches(VALID_BATCH)) * len(valid),
+        total = torch.tensor([mean_elbo(objective.model, objective.guide, valid.batches(self._valid_batch())) * len(valid),
                               float(len(valid))])
         self.ranks.all_reduce_sum_([total])
         return (total[0] / total[1]).item()

@@ -49,3 +49,26 @@ def test_compare_runs_reports_the_headline_evaluation(tmp_path, capsys):
     assert (tmp_path / "cmp.png").stat().st_size > 1000
     decomposed = table.split("\n\n")[1].splitlines()  # b was evaluated with --decompose, a was not
     assert "index-code MI" in decomposed[0] and "| n/a |" in decomposed[2] and "± " in decomposed[3]
+
+
+def test_collapse_study_quick_mode_writes_its_table_and_plots(tmp_path):
+    """--quick trains each named run (a combination included) on 300 PTB
+    sentences and writes the CSV, the markdown table and the plots; a second
+    call resumes: finished runs are read, not retrained."""
+    import csv
+    import subprocess
+    import sys
+
+    command = [sys.executable, "scripts/collapse_study.py", "--quick", "--epochs", "1", "--runs", "vanilla",
+               "cyclical+free_bits", "lm", "--out", str(tmp_path / "study")]
+    subprocess.run(command, check=True, capture_output=True)
+    rows = list(csv.DictReader(open(tmp_path / "study" / "study.csv")))
+    assert [r["run"] for r in rows] == ["vanilla", "cyclical+free_bits", "lm"]
+    assert all(float(r["perplexity"]) > 1 and float(r["kl"]) >= 0 for r in rows)
+    assert "| cyclical+free_bits |" in (tmp_path / "study" / "study.md").read_text()
+    assert (tmp_path / "study" / "study.png").stat().st_size > 10_000
+    stamp = (tmp_path / "study" / "vanilla" / "checkpoint.pt").stat().st_mtime
+    subprocess.run(command, check=True, capture_output=True)
+    assert (tmp_path / "study" / "vanilla" / "checkpoint.pt").stat().st_mtime == stamp
+    failed = subprocess.run(command[:5] + ["--runs", "vanila"], capture_output=True, text=True)
+    assert failed.returncode != 0 and "unknown remedy 'vanila'" in failed.stderr
