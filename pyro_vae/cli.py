@@ -80,6 +80,8 @@ def _evaluate(args: argparse.Namespace) -> None:
     num_samples = _given(args.iw_samples, defaults.iw_samples)
     if args.sample_quality:
         _sample_quality(run, experiment, args.samples)
+        if args.iw_samples is None:  # scoring samples alone; --iw-samples K asks for the IS evaluation too
+            return
     if num_samples == 0:
         if not args.sample_quality:
             raise ConfigError(f"nothing to evaluate: {run.config_file} sets eval.iw_samples = 0 (a point-estimate "
@@ -217,7 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--sample-quality", action="store_true",
                     help="score samples from the prior with the cached digit classifier (`pyro-vae classifier "
                          "train`): class histogram, mean confidence, entropy of the mean class distribution, "
-                         "Frechet distance of classifier features to the test set")
+                         "Frechet distance of classifier features to the test set (alone, unless --iw-samples "
+                         "is given too)")
     ev.add_argument("--samples", type=positive_int, default=10_000, help="samples scored by --sample-quality")
     ev.add_argument("--quiet", action="store_true", help="no progress bar")
     ev.set_defaults(func=_evaluate)
