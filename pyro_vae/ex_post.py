@@ -2,7 +2,8 @@
 
 A prior with a ``fit_codes(codes, seed)`` method is fitted, once training
 ends, to the guide's codes of the training set (:func:`pyro_vae.plots.latent_codes`:
-the mean of ``q(z | x)``, or the point estimate of a ``delta`` guide); the
+a draw from ``q(z | x)`` or its mean, as the prior's ``codes`` says; a
+``delta`` guide's point estimate either way); the
 fitted state is saved beside the checkpoint as ``ex_post_prior.pt`` and
 restored with the weights, so sampling and evaluation use it.  Training never
 does: each ``train`` call trains against the prior's unfitted form and fits
@@ -35,7 +36,7 @@ def fit_ex_post_prior(run: "RunDir", experiment, batch_size: int = 1000) -> Opti
         return None
     limit = experiment.config.train.limit  # the images it was trained on
     train = experiment.data["train"].head(limit) if limit else experiment.data["train"]
-    codes = latent_codes(experiment.guide, train.batches(batch_size))
+    codes = latent_codes(experiment.guide, train.batches(batch_size), sample=prior.codes == "sample")
     summary = prior.fit_codes(codes, seed=experiment.config.train.seed)
     with run.atomic(EX_POST_FILE) as path:
         torch.save(prior.mixture_state(), path)

@@ -147,15 +147,16 @@ def save_kl_bars(kl_per_dim: Sequence[float], path: str | Path) -> None:
 
 
 @torch.no_grad()
-def latent_codes(guide: Callable, batches) -> torch.Tensor:
+def latent_codes(guide: Callable, batches, sample: bool = False) -> torch.Tensor:
     """The guide's code of each datapoint: the mean of ``q(z | x)`` at its one
     continuous latent site (a sample where the mean has no closed form, as
-    for a flow): ``[N, D]``."""
+    for a flow), or with ``sample`` a draw ``z ~ q(z | x)`` (together, draws
+    from the aggregate posterior): ``[N, D]``."""
     codes = []
     for x in batches:
         site = next(s for _, s in latent_sites(poutine.trace(guide).get_trace(x)))
         try:
-            code = site["fn"].mean
+            code = site["value"] if sample else site["fn"].mean
         except NotImplementedError:
             code = site["value"]
         codes.append(code.reshape(x.shape[0], -1).cpu())

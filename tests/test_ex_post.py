@@ -55,6 +55,15 @@ def test_a_run_fits_the_prior_after_training_and_restores_it_with_the_weights(ti
     experiment, _ = RunDir(tmp_path / "run").load_trained()
     prior = experiment.model.prior
     assert prior.fitted
+    # fitted to draws z ~ q(z|x) by default: the aggregate posterior's spread, E Var(z|x) + Var E(z|x), above the means'
+    from pyro_vae.plots import latent_codes
+
+    train = experiment.data["train"].head(1000)
+    spread = {kind: latent_codes(experiment.guide, train.batches(500), sample=kind == "sample").var(0).sum()
+              for kind in ("sample", "mean")}
+    fitted_spread = (prior.mixture_scale_tril @ prior.mixture_scale_tril.mT).diagonal(dim1=-2, dim2=-1)
+    assert spread["sample"] > 2 * spread["mean"] and prior.codes == "sample"
+    assert float((prior.mixture_weights[:, None] * fitted_spread).sum()) > float(spread["mean"])
     pyro.set_rng_seed(1)
     fitted_nll = evaluate_run(experiment, "test", 20, 10, 50, 100, progress=False).log_likelihood
     prior.mixture_weights = None  # the same weights against N(0, I): a different model of the same data
