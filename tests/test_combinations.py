@@ -36,9 +36,19 @@ def refusal(prior: str, guide: str):
     return None
 
 
-def test_the_catalogue_is_what_this_test_covers():
+TEXT_GUIDES = {"lstm"}  # sentences, not images: tests/test_text.py
+
+
+def test_the_catalogue_is_what_this_test_covers(tiny_raw):
+    """Every prior and image guide is covered below; a text guide on images is
+    refused at build time, naming what it needs from the data."""
     registry.load_catalogue()
-    assert set(registry.PRIORS.names()) == set(SMALL) and set(registry.GUIDES.names()) == set(GUIDE_OPTIONS)
+    assert set(registry.PRIORS.names()) == set(SMALL)
+    assert set(registry.GUIDES.names()) == set(GUIDE_OPTIONS) | TEXT_GUIDES
+    for guide in TEXT_GUIDES:
+        tiny_raw["guide"] = {"name": guide}
+        with pytest.raises(ConfigError, match=rf"guide '{guide}' needs vocab_size, pad_id from the data"):
+            Experiment.build(config_from_dict(tiny_raw))
 
 
 @pytest.mark.parametrize("likelihood", ["bernoulli", "continuous_bernoulli", "gaussian"])
