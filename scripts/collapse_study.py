@@ -69,7 +69,8 @@ def train(name: str, args, steps_per_epoch: int) -> Path:
     command = [sys.executable, "-m", "pyro_vae.cli", "train", str(args.config), "--run-dir", str(run), "--quiet",
                "--set", f"train.epochs={args.epochs}", "--set", f"train.latent_diagnostics={args.diagnostics}",
                "--set", "eval.decompose=true"]
-    for o in (QUICK if args.quick else []) + overrides(name, args.epochs, args.anneal_epochs, steps_per_epoch):
+    for o in (QUICK if args.quick else []) + args.set + overrides(name, args.epochs, args.anneal_epochs,
+                                                                  steps_per_epoch):
         command += ["--set", o]
     run.mkdir(parents=True, exist_ok=True)
     with open(run / "study.log", "a") as log:
@@ -134,6 +135,8 @@ def main() -> None:
     parser.add_argument("--parallel", type=int, default=1, help="runs trained at once, each its own process")
     parser.add_argument("--quick", action="store_true", help="300 sentences a split, small widths: minutes in all")
     parser.add_argument("--out", type=Path, default=Path("runs/collapse_study"))
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a config override for every run (e.g. model.hidden=128), before the remedy's own")
     args = parser.parse_args()
     if args.quick:
         args.diagnostics = min(args.diagnostics, 50)
@@ -163,7 +166,7 @@ def _steps_per_epoch(args) -> int:
     from pyro_vae import registry
     from pyro_vae.config import load_config
 
-    config = load_config(args.config, QUICK if args.quick else [])
+    config = load_config(args.config, (QUICK if args.quick else []) + args.set)
     registry.load_catalogue(config.imports)
     data = registry.DATASETS.build(config.data.name, config.data.options, device=torch.device("cpu"))
     return math.ceil(len(data["train"]) / config.train.batch_size)
