@@ -144,7 +144,7 @@ class Trainer:
         objective.context = TrainingContext(
             step=self.state.epoch * self.steps_per_epoch + self.state.step_in_epoch,
             epoch=self.state.epoch + 1, num_train=len(self.train_split), steps_per_epoch=self.steps_per_epoch,
-            draw_batch=self._random_batch)
+            draw_batch=self._random_batch, valid=experiment.data["valid"])
         self.last_checkpoint = time.monotonic()
         self.last_checkpoint_step: Optional[int] = None  # context.step of this call's newest checkpoint
 

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from pyro_vae.config import config_from_dict
+from pyro_vae.errors import ConfigError
 from pyro_vae.experiment import Experiment
 from pyro_vae.schedules import kl_annealing
 from pyro_vae.traces import draw_particles
@@ -135,6 +136,50 @@ def test_aggressive_updates_train_the_guide_alone_then_the_model_then_end_when_m
     assert objective.end_epoch(exp.data["valid"])["aggressive"] == 0.0
     assert objective.end_epoch(exp.data["valid"]) == {}
     assert not bool(objective.own_state_dict()["aggressive_phase"])
+
+
+def test_aggressive_phase_checked_every_mi_every_steps_ends_within_the_epoch(tiny_raw):
+    """With ``mi_every = 2`` the phase's I(x; z) is measured after the 2nd,
+    4th, ... step of training (not at the epoch's end), the phase ends at the
+    first check that does not beat the best, and the following steps are
+    joint ones (no inner draws)."""
+    from pyro_vae.objectives import TrainingContext
+
+    exp = experiment(tiny_raw, aggressive=True, inner_steps=20, mi_datapoints=100, mi_every=2)
+    objective, train = exp.objective, exp.data["train"]
+    draws = []
+
+    def draw():
+        draws.append(1)
+        return train.batch(torch.randint(len(train), (50,)))
+
+    objective.context = TrainingContext(draw_batch=draw, valid=exp.data["valid"])
+    optimizer = torch.optim.Adam(objective.parameters(), lr=1e-2)
+    batch = train.batch(slice(0, 50))
+
+    def step():
+        objective.step(batch, optimizer)
+        objective.context.step += 1
+
+    step()
+    assert objective.end_epoch(exp.data["valid"]) == {}  # no check after the first step
+    step()
+    first = objective.end_epoch(exp.data["valid"])
+    assert first["aggressive"] == 1.0 and first["valid_mutual_information"] == pytest.approx(
+        float(objective.best_mutual_information))
+    assert objective.end_epoch(exp.data["valid"]) == {}  # an epoch without a check reports none
+    objective.best_mutual_information.fill_(1e9)
+    step()
+    assert bool(objective.aggressive_phase)  # the 3rd step checks nothing
+    step()
+    assert not bool(objective.aggressive_phase) and objective.end_epoch(exp.data["valid"])["aggressive"] == 0.0
+    before = len(draws)
+    step()
+    assert len(draws) == before  # a joint step
+    objective.context.valid = None
+    objective.aggressive_phase.fill_(True)
+    with pytest.raises(ConfigError, match="mi_every"):
+        step()
 
 
 def test_aggressive_training_runs_through_the_trainer(tiny_raw, tmp_path):

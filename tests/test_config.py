@@ -19,7 +19,7 @@ def test_defaults_are_filled_in(tiny_raw):
     assert config.objective.options == {"num_particles": 1, "kl_weight": 1.0, "kl_annealing": "none",
                                         "anneal_steps": 10_000, "cycles": 4, "cycle_ratio": 0.5, "free_bits": 0.0,
                                         "free_bits_per": "dimension", "aggressive": False, "inner_steps": 100,
-                                        "mi_datapoints": 2000}
+                                        "mi_datapoints": 2000, "mi_every": 0}
     assert config.data.options["binarization_seed"] == 0
 
 

@@ -52,7 +52,8 @@ def test_compare_runs_reports_the_headline_evaluation(tmp_path, capsys):
 
 
 def test_collapse_study_quick_mode_writes_its_table_and_plots(tmp_path):
-    """--quick trains each named run (a combination included) on 300 PTB
+    """--quick trains each named run (a combination and the aggressive
+    encoder, whose phase checks I(x; z) every tenth of an epoch, included) on 300 PTB
     sentences and writes the CSV, the markdown table and the plots; a second
     call resumes: finished runs are read, not retrained."""
     import csv
@@ -60,10 +61,10 @@ def test_collapse_study_quick_mode_writes_its_table_and_plots(tmp_path):
     import sys
 
     command = [sys.executable, "scripts/collapse_study.py", "--quick", "--epochs", "1", "--runs", "vanilla",
-               "cyclical+free_bits", "lm", "--out", str(tmp_path / "study")]
+               "cyclical+free_bits", "aggressive", "lm", "--out", str(tmp_path / "study")]
     subprocess.run(command, check=True, capture_output=True)
     rows = list(csv.DictReader(open(tmp_path / "study" / "study.csv")))
-    assert [r["run"] for r in rows] == ["vanilla", "cyclical+free_bits", "lm"]
+    assert [r["run"] for r in rows] == ["vanilla", "cyclical+free_bits", "aggressive", "lm"]
     assert all(float(r["perplexity"]) > 1 and float(r["kl"]) >= 0 for r in rows)
     assert "| cyclical+free_bits |" in (tmp_path / "study" / "study.md").read_text()
     assert (tmp_path / "study" / "study.png").stat().st_size > 10_000

@@ -37,6 +37,8 @@ class TrainingContext:
     :param draw_batch: a random training minibatch of the trainer's size on
         each call (``None`` outside the trainer), for objectives whose step
         takes more than one (aggressive encoder updates).
+    :param valid: the validation split (``None`` outside the trainer), for
+        objectives that watch it within an epoch (the aggressive phase's I(x; z)).
     """
 
     step: int = 0
@@ -44,6 +46,7 @@ class TrainingContext:
     num_train: Optional[int] = None
     steps_per_epoch: Optional[int] = None
     draw_batch: Optional[Callable[[], torch.Tensor]] = None
+    valid: Optional[Any] = None
 
 
 class Objective(torch.nn.Module):
