@@ -59,6 +59,21 @@ VALID_OUTPUTS = 50_000_000  # and at most this many model outputs (a sentence's 
 REPORT_EVERY = 50  # steps between progress-bar updates
 RANK_SEED_STRIDE = 7_919  # separates the ranks' random streams
 SCATTER_POINTS = 5000  # test images in the latent scatter
+COLLAPSED_KL = 0.01  # nats per datapoint: an epoch's KL(q || p) below it says z carries nothing
+
+
+def collapse_warning(row: dict[str, Any]) -> Optional[str]:
+    """The warning for an epoch's metrics ``row`` whose training KL(q(z|x) || p(z))
+    is below :data:`COLLAPSED_KL` nats per datapoint (``None`` otherwise, or
+    when the objective reports no KL): posterior collapse, with its remedies."""
+    kl = row.get("train_kl")
+    if kl is None or kl >= COLLAPSED_KL:
+        return None
+    return (f"posterior collapse at epoch {row['epoch']}: KL(q(z|x) || p(z)) is {kl:.2g} nats per datapoint, so z "
+            "carries almost nothing and the decoder ignores it. Remedies: objective.kl_annealing, "
+            "objective.free_bits, objective.aggressive, model.word_dropout (text) - README, 'Text: the sentence "
+            "VAE and posterior collapse'; for a tanh MLP with a vamp or mog prior, model.activation = "
+            "guide.activation = \"relu\" (README, 'The catalogue compared')")
 
 
 def epoch_seed(seed: int, epoch: int) -> int:
@@ -138,6 +153,7 @@ class Trainer:
             cfg.lr_schedule, self.steps_per_epoch, cfg.epochs * self.steps_per_epoch, cfg.warmup_steps))
         self.generator = torch.Generator(device=experiment.device)
         self.state = Progress()
+        self.collapse_warned = False  # once a call
         self.resume_rng: Optional[dict[str, Any]] = None
         if state is not None:
             self._restore(state)
@@ -347,6 +363,10 @@ class Trainer:
         if cfg.latent_diagnostics:
             ends.update(self._latent_diagnostics(cfg.latent_diagnostics))
         s.finish_epoch({"epoch": epoch, **metrics, "valid_elbo": valid_elbo, **ends, "lr": lr, "seconds": seconds})
+        warning = collapse_warning(s.history[-1])
+        if warning and not self.collapse_warned and self.ranks.is_main:
+            log.warning(warning)
+            self.collapse_warned = True
         self.checkpoint()
         if self.ranks.is_main:
             self.run.write_metrics(s.history)

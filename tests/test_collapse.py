@@ -192,3 +192,28 @@ def test_aggressive_training_runs_through_the_trainer(tiny_raw, tmp_path):
     train_and_evaluate(config_from_dict(tiny_raw), tmp_path / "run", progress=False, evaluate_after=False)
     row = next(csv.DictReader(open(tmp_path / "run" / "metrics.csv")))
     assert math.isfinite(float(row["valid_mutual_information"])) and row["aggressive"] == "1.0"
+
+
+def test_a_collapsed_run_is_warned_once_and_a_healthy_one_not(tiny_raw, tmp_path, caplog, monkeypatch):
+    """An epoch whose training KL(q || p) is below ``COLLAPSED_KL`` nats per
+    datapoint logs the posterior-collapse warning with its remedies, once a
+    call (here every epoch is "collapsed" under a raised threshold); a run
+    whose z carries information logs none under the real one."""
+    import logging
+
+    import pyro_vae.train
+    from pyro_vae.train import collapse_warning, train_and_evaluate
+
+    tiny_raw["train"]["epochs"] = 3
+    with caplog.at_level(logging.WARNING, logger="pyro_vae"):
+        train_and_evaluate(config_from_dict(tiny_raw), tmp_path / "healthy", progress=False, evaluate_after=False)
+    assert "posterior collapse" not in caplog.text
+    monkeypatch.setattr(pyro_vae.train, "COLLAPSED_KL", 1e9)
+    with caplog.at_level(logging.WARNING, logger="pyro_vae"):
+        train_and_evaluate(config_from_dict(tiny_raw), tmp_path / "collapsed", progress=False, evaluate_after=False)
+    assert caplog.text.count("posterior collapse at epoch") == 1  # epochs 2 and 3 say nothing more
+    assert "posterior collapse at epoch 1:" in caplog.text and "objective.free_bits" in caplog.text
+    monkeypatch.undo()
+    assert collapse_warning({"epoch": 2, "train_kl": 0.0099}).startswith("posterior collapse at epoch 2: ")
+    assert collapse_warning({"epoch": 2, "train_kl": 0.01}) is None
+    assert collapse_warning({"epoch": 2, "train_loss": 1.0}) is None  # an objective without a KL
