@@ -65,6 +65,11 @@ class SentenceDecoder(PartModule):
             self.init = nn.Linear(latent_dim, hidden)
         self.out = nn.Linear(hidden, vocab_size)
 
+    @property
+    def ignores_latent(self) -> bool:
+        """``condition = "none"``: the language model, whose KL falls to 0 by design (no collapse warning)."""
+        return self.condition == "none"
+
     def initial_state(self, z: torch.Tensor) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
         """``(h_0, c_0)`` for ``z`` ``[N, D]``; ``None`` (zeros) when z does not enter the state."""
         if self.condition not in ("init", "both"):

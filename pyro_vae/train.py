@@ -62,18 +62,20 @@ SCATTER_POINTS = 5000  # test images in the latent scatter
 COLLAPSED_KL = 0.01  # nats per datapoint: an epoch's KL(q || p) below it says z carries nothing
 
 
-def collapse_warning(row: dict[str, Any]) -> Optional[str]:
+def collapse_warning(row: dict[str, Any], model: torch.nn.Module) -> Optional[str]:
     """The warning for an epoch's metrics ``row`` whose training KL(q(z|x) || p(z))
-    is below :data:`COLLAPSED_KL` nats per datapoint (``None`` otherwise, or
-    when the objective reports no KL): posterior collapse, with its remedies."""
+    is below :data:`COLLAPSED_KL` nats per datapoint: posterior collapse, with
+    its remedies.  ``None`` otherwise, when the objective reports no KL
+    (``meanfield_elbo``, ``beta`` and ``capacity`` do), or when the model
+    ignores z by design (``ignores_latent``: the sentence model's language model)."""
     kl = row.get("train_kl")
-    if kl is None or kl >= COLLAPSED_KL:
+    if kl is None or kl >= COLLAPSED_KL or getattr(model, "ignores_latent", False):
         return None
     return (f"posterior collapse at epoch {row['epoch']}: KL(q(z|x) || p(z)) is {kl:.2g} nats per datapoint, so z "
-            "carries almost nothing and the decoder ignores it. Remedies: objective.kl_annealing, "
-            "objective.free_bits, objective.aggressive, model.word_dropout (text) - README, 'Text: the sentence "
-            "VAE and posterior collapse'; for a tanh MLP with a vamp or mog prior, model.activation = "
-            "guide.activation = \"relu\" (README, 'The catalogue compared')")
+            "carries almost nothing and the decoder ignores it. Remedies (options of meanfield_elbo): "
+            "objective.kl_annealing, objective.free_bits, objective.aggressive, and model.word_dropout for text "
+            "(README, 'Text: the sentence VAE and posterior collapse'); for the tanh MLP with the vamp prior, "
+            "model.activation = guide.activation = \"relu\" (README, 'The catalogue compared')")
 
 
 def epoch_seed(seed: int, epoch: int) -> int:
@@ -363,7 +365,7 @@ class Trainer:
         if cfg.latent_diagnostics:
             ends.update(self._latent_diagnostics(cfg.latent_diagnostics))
         s.finish_epoch({"epoch": epoch, **metrics, "valid_elbo": valid_elbo, **ends, "lr": lr, "seconds": seconds})
-        warning = collapse_warning(s.history[-1])
+        warning = collapse_warning(s.history[-1], self.experiment.model)
         if warning and not self.collapse_warned and self.ranks.is_main:
             log.warning(warning)
             self.collapse_warned = True

@@ -18,8 +18,8 @@ KL annealing (over the first ``--anneal-epochs``), ``cyclical`` (Fu et al.
 2019: 4 cycles over all the epochs' steps), ``word_dropout`` (0.3 of the
 decoder's inputs), ``free_bits`` (0.25 nats per dimension), ``kl_weight``
 (0.5), ``aggressive`` (He et al. 2019, the phase's I(x; z) checked every
-tenth of an epoch: a phase step costs at least 21 ordinary ones, so an
-epoch-long phase would cost the study 21 epochs); ``lm`` is the decoder
+tenth of an epoch: a phase step costs min(inner_steps, 20) + 1 ordinary
+ones or more, so an epoch-long phase would cost the study that many epochs); ``lm`` is the decoder
 with z ignored.
 """
 from __future__ import annotations

@@ -99,6 +99,7 @@ def test_a_decoder_that_ignores_z_has_is_likelihood_equal_to_its_language_model_
     head, scale 1): every log weight is log p_LM(x), so L_K = log p_LM(x) for
     every K, computed here from the LSTM by teacher forcing."""
     data, model, guide = build("none")
+    assert model.ignores_latent and not build("init")[1].ignores_latent  # (no posterior-collapse warning for it)
     with torch.no_grad():
         guide.head.weight.zero_()
         guide.head.bias.copy_(torch.cat([torch.zeros(3), torch.full((3,), math.log(math.expm1(1 - 1e-4)))]))

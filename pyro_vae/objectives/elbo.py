@@ -12,6 +12,8 @@ independent).
 """
 from __future__ import annotations
 
+import math
+
 from typing import Literal, Optional
 
 import pyro.poutine as poutine
@@ -166,23 +168,29 @@ class MeanFieldELBO(Objective):
             ones.  One process only.
         :param mi_every: steps between the phase's I(x; z) checks; ``0``:
             after each epoch, as He et al.'s text experiments.  A phase step
-            costs at least 21 ordinary ones, so on a long epoch a check every
-            few hundred steps ends the phase before it costs many epochs.
+            costs ``min(inner_steps, 20) + 1`` ordinary ones or more, so on a
+            long epoch checks every few hundred steps end the phase before it
+            costs many epochs.  The epoch's row reports the latest check as
+            ``phase_mutual_information`` with the phase flag ``aggressive``.
         """
         super().__init__(model, guide)
         if (kl_weight < 0 or free_bits < 0 or anneal_steps < 1 or cycles < 1 or not 0 < cycle_ratio <= 1
                 or mi_every < 0):
             raise ConfigError("meanfield_elbo needs kl_weight >= 0, free_bits >= 0, anneal_steps >= 1, cycles >= 1, "
                               "0 < cycle_ratio <= 1 and mi_every >= 0")
+        if mi_every and not aggressive:
+            raise ConfigError("meanfield_elbo's mi_every paces the aggressive phase's checks: set aggressive = true, "
+                              "or leave mi_every at 0")
         self.num_particles = num_particles
         self.kl_weight, self.kl_annealing, self.anneal_steps = kl_weight, kl_annealing, anneal_steps
         self.cycles, self.cycle_ratio, self.free_bits, self.free_bits_per = cycles, cycle_ratio, free_bits, free_bits_per
         self.aggressive, self.inner_steps, self.mi_datapoints = aggressive, inner_steps, mi_datapoints
         self.mi_every = mi_every
-        self._last_check: dict[str, float] = {}  # the latest within-epoch check (mi_every > 0)
-        if aggressive:  # the phase and the best MI so far, checkpointed with the objective's state
+        if aggressive:  # the phase, the best MI so far and the latest check's unreported MI (NaN: none),
+            # checkpointed with the objective's state and restored with it after a skipped bad step
             self.register_buffer("aggressive_phase", torch.tensor(True))
             self.register_buffer("best_mutual_information", torch.tensor(float("-inf")))
+            self.register_buffer("unreported_mutual_information", torch.tensor(float("nan")))
         self._checked = False
 
     def step(self, x: torch.Tensor, optimizer) -> torch.Tensor:
@@ -193,6 +201,9 @@ class MeanFieldELBO(Objective):
             raise ConfigError("meanfield_elbo's aggressive encoder updates run in one process only (torchrun: 1)")
         if self.context.draw_batch is None:
             raise ConfigError("aggressive encoder updates draw their own minibatches: train through the trainer")
+        checks = self.mi_every and (self.context.step + 1) % self.mi_every == 0
+        if checks and self.context.valid is None:
+            raise ConfigError("meanfield_elbo's mi_every checks the valid split: train through the trainer")
         previous, window = float("inf"), 0.0
         for inner in range(1, self.inner_steps + 1):
             window += float(self._partial_step(self.context.draw_batch(), optimizer, self.guide))
@@ -201,11 +212,14 @@ class MeanFieldELBO(Objective):
                     break
                 previous, window = window, 0.0
         loss = self._partial_step(x, optimizer, self.model)
-        if self.mi_every and (self.context.step + 1) % self.mi_every == 0:
-            if self.context.valid is None:
-                raise ConfigError("meanfield_elbo's mi_every checks the valid split: train through the trainer")
-            self._last_check = self._check_phase(self.context.valid)
+        if checks:
+            self._check_phase(self.context.valid)
         return loss
+
+    def load_own_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        if self.aggressive and "unreported_mutual_information" not in state:  # a checkpoint from before mi_every
+            state = {**state, "unreported_mutual_information": torch.tensor(float("nan"))}
+        super().load_own_state_dict(state)
 
     def _partial_step(self, x: torch.Tensor, optimizer, part: torch.nn.Module) -> torch.Tensor:
         """An optimizer step on ``part``'s parameters alone: the others' gradients
@@ -223,15 +237,19 @@ class MeanFieldELBO(Objective):
     def end_epoch(self, valid) -> dict[str, float]:
         """During the aggressive phase: I(x; z) on the valid datapoints, and the
         phase's end once it stops rising (or, with ``mi_every``, the epoch's last check)."""
-        if self.mi_every:
-            last, self._last_check = self._last_check, {}
-            return last
-        if not (self.aggressive and bool(self.aggressive_phase)):
+        if not self.aggressive:
             return {}
-        return self._check_phase(valid)
+        if not self.mi_every and bool(self.aggressive_phase):
+            self._check_phase(valid)
+        mutual_information = float(self.unreported_mutual_information)
+        if math.isnan(mutual_information):
+            return {}
+        self.unreported_mutual_information.fill_(float("nan"))
+        return {"phase_mutual_information": mutual_information, "aggressive": float(bool(self.aggressive_phase))}
 
-    def _check_phase(self, valid) -> dict[str, float]:
-        """I(x; z) on the first ``mi_datapoints`` of ``valid``; the phase ends unless it beats the best so far."""
+    def _check_phase(self, valid) -> None:
+        """I(x; z) on the first ``mi_datapoints`` of ``valid`` (kept until
+        :meth:`end_epoch` reports it); the phase ends unless it beats the best so far."""
         from pyro_vae.decompose import decompose
 
         data = valid.head(self.mi_datapoints) if len(valid) > self.mi_datapoints else valid
@@ -244,7 +262,7 @@ class MeanFieldELBO(Objective):
             self.aggressive_phase.fill_(False)
         else:
             self.best_mutual_information.fill_(mutual_information)
-        return {"valid_mutual_information": mutual_information, "aggressive": float(bool(self.aggressive_phase))}
+        self.unreported_mutual_information.fill_(mutual_information)
 
     def _check(self, particles) -> None:
         for name, site in latent_sites(particles.guide_trace):
