@@ -19,8 +19,8 @@ KL annealing (over the first ``--anneal-epochs``), ``cyclical`` (Fu et al.
 decoder's inputs), ``free_bits`` (0.25 nats per dimension), ``kl_weight``
 (0.5), ``aggressive`` (He et al. 2019, the phase's I(x; z) checked every
 tenth of an epoch: a phase step costs min(inner_steps, 20) + 1 ordinary
-ones or more, so an epoch-long phase would cost the study that many epochs); ``lm`` is the decoder
-with z ignored.
+ones or more, so an epoch-long phase would cost the study that many
+epochs); ``lm`` is the decoder with z ignored.
 """
 from __future__ import annotations
 

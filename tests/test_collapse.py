@@ -91,6 +91,16 @@ def test_annealing_reads_the_training_step(tiny_raw):
     assert float(exp.objective.metrics["kl_weight"]) == 0.5
 
 
+def counting_draws(train):
+    """A ``draw_batch`` of 50 random training datapoints, and the list that grows by one each call."""
+    draws = []
+
+    def draw():
+        draws.append(1)
+        return train.batch(torch.randint(len(train), (50,)))
+    return draws, draw
+
+
 def test_aggressive_updates_train_the_guide_alone_then_the_model_then_end_when_mi_stops_rising(tiny_raw, tmp_path):
     """During the phase a step leaves the model's parameters as they were
     through the guide's inner steps (Adam untouched for them) and then moves
@@ -101,11 +111,7 @@ def test_aggressive_updates_train_the_guide_alone_then_the_model_then_end_when_m
     exp = experiment(tiny_raw, aggressive=True, inner_steps=20, mi_datapoints=100)
     objective = exp.objective
     train = exp.data["train"]
-    draws = []
-
-    def draw():
-        draws.append(1)
-        return train.batch(torch.randint(len(train), (50,)))
+    draws, draw = counting_draws(train)
 
     objective.context = TrainingContext(draw_batch=draw)
     optimizer = torch.optim.Adam(objective.parameters(), lr=1e-2)
@@ -147,11 +153,7 @@ def test_aggressive_phase_checked_every_mi_every_steps_ends_within_the_epoch(tin
 
     exp = experiment(tiny_raw, aggressive=True, inner_steps=20, mi_datapoints=100, mi_every=2)
     objective, train = exp.objective, exp.data["train"]
-    draws = []
-
-    def draw():
-        draws.append(1)
-        return train.batch(torch.randint(len(train), (50,)))
+    draws, draw = counting_draws(train)
 
     objective.context = TrainingContext(draw_batch=draw, valid=exp.data["valid"])
     optimizer = torch.optim.Adam(objective.parameters(), lr=1e-2)

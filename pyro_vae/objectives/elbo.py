@@ -13,7 +13,6 @@ independent).
 from __future__ import annotations
 
 import math
-
 from typing import Literal, Optional
 
 import pyro.poutine as poutine
