@@ -11,19 +11,17 @@ encoder is linear, as in the sigmoid-belief-net papers.
 from __future__ import annotations
 
 import math
-from typing import Optional
 
-import pyro
 import pyro.distributions as dist
 import torch
 
-from pyro_vae.nn import Activation, PartModule, mlp
+from pyro_vae.contract import DistributionGuide
+from pyro_vae.nn import Activation, mlp
 from pyro_vae.registry import GUIDES
-from pyro_vae.traces import DATA_PLATE
 
 
 @GUIDES.register("bernoulli")
-class BernoulliGuide(PartModule):
+class BernoulliGuide(DistributionGuide):
     """MLP encoder to independent Bernoullis q(z|x) = Bern(sigmoid(MLP(x)))."""
 
     def __init__(
@@ -36,8 +34,6 @@ class BernoulliGuide(PartModule):
         super().__init__()
         self.encoder = mlp(math.prod(event_shape), hidden, latent_dim, activation)
 
-    def forward(self, x: torch.Tensor, batch_size: Optional[int] = None) -> None:
-        batch_size = x.shape[0]
-        logits = self.encoder(x.reshape(batch_size, -1))
-        with pyro.plate(DATA_PLATE, batch_size):
-            pyro.sample("z", dist.Bernoulli(logits=logits).to_event(1))
+    def distribution(self, x: torch.Tensor) -> dist.TorchDistribution:
+        """``q(z | x)`` for the batch ``x``: batch shape ``[B]``, event ``[D]``."""
+        return dist.Bernoulli(logits=self.encoder(x.reshape(x.shape[0], -1))).to_event(1)

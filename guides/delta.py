@@ -15,19 +15,17 @@ a generative model comes from fitting a density to the codes afterwards
 from __future__ import annotations
 
 import math
-from typing import Optional
 
-import pyro
 import pyro.distributions as dist
 import torch
 
-from pyro_vae.nn import Activation, PartModule, mlp
+from pyro_vae.contract import DistributionGuide
+from pyro_vae.nn import Activation, mlp
 from pyro_vae.registry import GUIDES
-from pyro_vae.traces import DATA_PLATE
 
 
 @GUIDES.register("delta")
-class DeltaGuide(PartModule):
+class DeltaGuide(DistributionGuide):
     """MLP encoder to a point estimate z = f(x) (a deterministic autoencoder; no density, so no IS evaluation)."""
 
     def __init__(
@@ -40,6 +38,6 @@ class DeltaGuide(PartModule):
         super().__init__()
         self.encoder = mlp(math.prod(event_shape), hidden, latent_dim, activation)
 
-    def forward(self, x: torch.Tensor, batch_size: Optional[int] = None) -> None:
-        with pyro.plate(DATA_PLATE, x.shape[0]):
-            pyro.sample("z", dist.Delta(self.encoder(x.reshape(x.shape[0], -1))).to_event(1))
+    def distribution(self, x: torch.Tensor) -> dist.TorchDistribution:
+        """``q(z | x) = delta(z - f(x))``: batch shape ``[B]``, event ``[D]``."""
+        return dist.Delta(self.encoder(x.reshape(x.shape[0], -1))).to_event(1)

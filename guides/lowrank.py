@@ -15,7 +15,8 @@ import pyro.distributions as dist
 import torch
 from torch.nn.functional import softplus
 
-from guides.normal import MIN_SCALE, DistributionGuide
+from guides.normal import MIN_SCALE
+from pyro_vae.contract import DistributionGuide
 from pyro_vae.nn import Activation, mlp
 from pyro_vae.registry import GUIDES
 

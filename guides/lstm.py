@@ -15,7 +15,8 @@ from torch import nn
 from torch.nn.functional import softplus
 from torch.nn.utils.rnn import pack_padded_sequence
 
-from guides.normal import MIN_SCALE, DistributionGuide
+from guides.normal import MIN_SCALE
+from pyro_vae.contract import DistributionGuide
 from pyro_vae.registry import GUIDES
 
 

@@ -8,32 +8,16 @@ The softplus (rather than exp) keeps sigma finite for any encoder output.
 from __future__ import annotations
 
 import math
-from typing import Optional
 
-import pyro
 import pyro.distributions as dist
 import torch
 from torch.nn.functional import softplus
 
-from pyro_vae.nn import Activation, PartModule, mlp
+from pyro_vae.contract import DistributionGuide
+from pyro_vae.nn import Activation, mlp
 from pyro_vae.registry import GUIDES
-from pyro_vae.traces import DATA_PLATE
 
 MIN_SCALE = 1e-4
-
-
-class DistributionGuide(PartModule):
-    """A guide given by :meth:`distribution`, ``q(z | x)`` for a batch ``x``
-    (batch shape ``[B]``, the latent as event shape), sampled at site ``"z"``
-    in the data plate.  ``distribution`` is what the VampPrior evaluates at its
-    pseudo-inputs."""
-
-    def distribution(self, x: torch.Tensor) -> dist.TorchDistribution:
-        raise NotImplementedError
-
-    def forward(self, x: torch.Tensor, batch_size: Optional[int] = None) -> None:
-        with pyro.plate(DATA_PLATE, x.shape[0]):
-            pyro.sample("z", self.distribution(x))
 
 
 @GUIDES.register("normal")

@@ -25,22 +25,21 @@ from __future__ import annotations
 import math
 from typing import Callable, Literal, Optional
 
-import pyro
 import pyro.distributions as dist
 import torch
 
+from pyro_vae.contract import LatentVariableModel
 from pyro_vae.distributions import BernoulliVector
 from pyro_vae.errors import ConfigError
-from pyro_vae.nn import Activation, PartModule, mlp
+from pyro_vae.nn import Activation, mlp
 from pyro_vae.registry import MODELS
-from pyro_vae.traces import DATA_PLATE, OBSERVED_SITE
 
 
 Likelihood = Literal["bernoulli", "continuous_bernoulli", "gaussian"]
 
 
 @MODELS.register("mlp")
-class MLPDecoder(PartModule):
+class MLPDecoder(LatentVariableModel):
     """MLP decoder: p(x|z) = Lik(MLP(z)), Bernoulli (default), continuous Bernoulli or Gaussian pixels."""
 
     def __init__(
@@ -85,14 +84,13 @@ class MLPDecoder(PartModule):
             return dist.ContinuousBernoulli(logits=logits).to_event(1)
         return dist.Normal(torch.sigmoid(logits), self.log_scale.exp()).to_event(1)
 
-    def forward(self, x: Optional[torch.Tensor] = None, batch_size: Optional[int] = None) -> None:
-        """Sample ``z`` and observe ``x`` (flattened to ``[B, D]``) in the data
-        plate; with ``x=None`` draw ``batch_size`` images from the model."""
-        batch_size = x.shape[0] if x is not None else batch_size
-        obs = x.reshape(batch_size, -1) if x is not None else None
-        with pyro.plate(DATA_PLATE, batch_size):
-            z = pyro.sample("z", self.prior(batch_size))
-            pyro.sample(OBSERVED_SITE, self.pixels(self.decoder(z)), obs=obs)
+    def observation(self, z: torch.Tensor, x: Optional[torch.Tensor] = None) -> dist.TorchDistribution:
+        """``p(x | z)``, the pixels' likelihood at the decoder's outputs."""
+        return self.pixels(self.decoder(z))
+
+    def observed(self, x: torch.Tensor) -> torch.Tensor:
+        """Images flattened to ``[B, D]``."""
+        return x.reshape(x.shape[0], -1)
 
 
 MODELS.rename("gaussian", "mlp")  # its latent was always the prior's business

@@ -18,22 +18,20 @@ from __future__ import annotations
 
 from typing import Callable, Literal, Optional
 
-import pyro
 import pyro.distributions as dist
 import torch
 from torch import nn
 
+from pyro_vae.contract import LatentVariableModel
 from pyro_vae.data.text import BOS, UNK
 from pyro_vae.errors import ConfigError
-from pyro_vae.nn import PartModule
 from pyro_vae.registry import MODELS
-from pyro_vae.traces import DATA_PLATE, OBSERVED_SITE
 
 Condition = Literal["init", "input", "both", "none"]
 
 
 @MODELS.register("sentence")
-class SentenceDecoder(PartModule):
+class SentenceDecoder(LatentVariableModel):
     """LSTM decoder p(x|z) = prod_t Cat(x_t | LSTM(z, x_<t)), z in its initial state and/or every input."""
 
     def __init__(
@@ -100,13 +98,12 @@ class SentenceDecoder(PartModule):
         logits, _ = self.step_logits(z.reshape(particles * batch, self.latent_dim), inputs)
         return logits.reshape(*lead, batch, length, -1)
 
-    def forward(self, x: torch.Tensor, batch_size: Optional[int] = None) -> None:
-        """Sample ``z`` and observe the ids ``x`` ``[B, T]`` in the data plate, masked where ``x`` is padding."""
-        batch = x.shape[0]
-        with pyro.plate(DATA_PLATE, batch):
-            z = pyro.sample("z", self.prior(batch))
-            words = dist.Categorical(logits=self.logits(z, x)).mask(x != self.pad_id).to_event(1)
-            pyro.sample(OBSERVED_SITE, words, obs=x)
+    def observation(self, z: torch.Tensor, x: Optional[torch.Tensor]) -> dist.TorchDistribution:
+        """``p(x | z)``: the ids ``x`` ``[B, T]`` one word at a time (teacher
+        forcing), masked where ``x`` is padding."""
+        if x is None:
+            raise ValueError("the sentence model scores given sentences; generate with pyro_vae.sentences")
+        return dist.Categorical(logits=self.logits(z, x)).mask(x != self.pad_id).to_event(1)
 
     def next_word_logits(self, logits: torch.Tensor) -> torch.Tensor:
         """The last position's logits ``[N, V]`` with ``<pad>`` and ``<bos>`` ruled

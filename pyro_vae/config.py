@@ -68,13 +68,16 @@ class TrainConfig(_Strict):
         "constant", description="constant | burda (10^(-i/7) for 3^i epochs) | cosine (to 0 over train.epochs)")
     warmup_steps: int = Field(0, ge=0, description="steps of linear learning-rate warm-up")
     compile: bool = Field(False, description="run the model's and guide's networks through torch.compile")
+    direct_traces: bool = Field(True, description="build the traces of a one-latent model and a distribution guide "
+                                                  "from their distributions, without Pyro's handlers (the same "
+                                                  "traces and draws; false: always Pyro's)")
     latent_diagnostics: int = Field(0, ge=0, description="after each epoch, I(x; z), active units and KL over the "
                                                          "first N valid datapoints (0: none)")
 
 
 RESUMABLE_TRAIN_KEYS = frozenset(
     {"epochs", "lr", "device", "checkpoint_minutes", "max_bad_steps", "divergence_factor", "tensorboard",
-     "lr_schedule", "warmup_steps", "compile", "latent_diagnostics"})
+     "lr_schedule", "warmup_steps", "compile", "direct_traces", "latent_diagnostics"})
 
 
 class EvalConfig(_Strict):

@@ -10,6 +10,7 @@ from pyro.nn import PyroModule
 
 from pyro_vae import registry
 from pyro_vae.config import ExperimentConfig
+from pyro_vae.contract import LatentVariableModel
 from pyro_vae.data import ImageDataset
 from pyro_vae.errors import ConfigError, DataError
 from pyro_vae.objectives import Objective
@@ -72,6 +73,8 @@ def build_model_and_guide(config: ExperimentConfig, data_spec: dict[str, Any]) -
     prior = registry.PRIORS.build(config.prior.name, config.prior.options, latent_dim=latent_dim,
                                   guide=guide, **data_spec)
     model = registry.MODELS.build(config.model.name, config.model.options, prior=prior, **data_spec)
+    if isinstance(model, LatentVariableModel):
+        model.direct_traces = config.train.direct_traces
     return model, guide if guide is not None else build_guide()
 
 

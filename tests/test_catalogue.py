@@ -201,6 +201,7 @@ def test_vamp_prior_is_the_mean_of_the_guide_at_its_pseudo_inputs():
     import math as _math
 
     from pyro_vae.config import config_from_dict
+    from models.priors import VampPrior
     from pyro_vae.experiment import build_model_and_guide
 
     raw = {"data": {"name": "mnist"}, "model": {"name": "mlp", "latent_dim": 3, "hidden": [8]},
@@ -219,8 +220,11 @@ def test_vamp_prior_is_the_mean_of_the_guide_at_its_pseudo_inputs():
     assert prior.pseudo_inputs.grad.abs().sum() > 0 and guide.encoder[0].weight.grad.abs().sum() > 0
 
     raw["guide"] = {"name": "bernoulli", "hidden": [8]}
-    with pytest.raises(ConfigError, match=r"prior 'vamp' needs a guide with a distribution\(x\) method.*BernoulliGuide"):
+    with pytest.raises(ConfigError, match=r"prior 'vamp' needs a guide whose q\(z\|x\) is a density over continuous "
+                                          r"latents; BernoulliGuide's is discrete"):
         build_model_and_guide(config_from_dict(raw), {"event_shape": (1, 4, 4)})
+    with pytest.raises(ConfigError, match=r"prior 'vamp' needs a guide with a distribution\(x\) method.*Module has"):
+        VampPrior(latent_dim=3, guide=torch.nn.Module(), event_shape=(1, 4, 4))
     raw["guide"] = {"name": "iaf", "hidden": [8]}
     with pytest.raises(ConfigError, match=r"prior 'vamp' needs a guide whose q\(z\|x\) broadcasts.*IAFGuide"):
         build_model_and_guide(config_from_dict(raw), {"event_shape": (1, 4, 4)})

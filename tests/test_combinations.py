@@ -24,11 +24,11 @@ CONTINUOUS_GUIDES = ("normal", "lowrank_normal", "iaf")
 def refusal(prior: str, guide: str):
     """The message expected when the pair cannot work, else None."""
     if prior == "vamp" and guide == "bernoulli":
-        return r"prior 'vamp' needs a guide with a distribution\(x\) method"
+        return r"prior 'vamp' needs a guide whose q\(z\|x\) is a density over continuous latents; .* is discrete"
     if prior == "vamp" and guide == "iaf":
         return r"prior 'vamp' needs a guide whose q\(z\|x\) broadcasts"
     if prior == "vamp" and guide == "delta":
-        return r"prior 'vamp' needs a guide with a distribution\(x\) method"
+        return r"prior 'vamp' needs a guide whose q\(z\|x\) is a density over continuous latents; .* is a point mass"
     if (prior == "bernoulli") != (guide == "bernoulli"):
         return rf"guide '{guide}' draws latent 'z' from a .*, but prior '{prior}' is a"
     if guide == "delta":  # with the default eval.iw_samples > 0

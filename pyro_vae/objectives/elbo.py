@@ -295,7 +295,9 @@ class MeanFieldELBO(Objective):
         if not self._checked:
             self._check(particles)
         log_likelihood, kl = particles.log_likelihood(), particles.kl()
-        signal = log_likelihood + score_term(log_likelihood, particles.log_guide(reparameterized=False))
+        signal = log_likelihood
+        if not all(is_reparameterized(site) for _, site in latent_sites(particles.guide_trace)):
+            signal = signal + score_term(log_likelihood, particles.log_guide(reparameterized=False))
         if self.free_bits > 0 or self.kl_weight != 1 or self.kl_annealing != "none":
             weight = self.kl_weight_now()
             loss = -signal.mean(0).sum() + weight * self.free_bits_penalty(particles)
