@@ -4,7 +4,7 @@ import pyro.distributions as dist
 import pytest
 import torch
 
-from pyro_vae.distributions import BernoulliVector
+from pyro_vae.distributions import BernoulliVector, bernoulli_log_prob
 
 
 @pytest.mark.parametrize("logit_shape,value_shape", [((7, 5, 6), (5, 6)), ((5, 6), (5, 6)), ((2, 5, 6), (1, 5, 6))])
@@ -28,42 +28,47 @@ def test_bernoulli_vector_shapes_mean_expand_and_support():
 
 
 @pytest.mark.parametrize("dim", [784, 787, 4096, 1])  # groups of 56, of 1 (787 is prime), of 64, of 1
-def test_softplus_sum_matches_float64_softplus_on_extreme_logits(dim):
-    """sum_d softplus(l_d) by grouped products, against float64: relative
-    error at float32 rounding, for logits from -1e30 to 1e30 and exactly 0."""
-    from pyro_vae.distributions import softplus_sum
-
+def test_bernoulli_log_prob_matches_float64_on_extreme_logits(dim):
+    """sum_d [x_d l_d - softplus(l_d)], the softplus by grouped products,
+    against float64: error at float32 rounding, for logits from -1e30 to
+    1e30 and exactly 0, at x = 0 (the log-normaliser alone) and x = 1
+    broadcast over the logits, and at random x of the logits' shape (torch's
+    fused kernel)."""
     logits = torch.cat([torch.randn(50, dim) * 8,
                         torch.tensor([0.0, 100.0, -100.0, 1e30, -1e30, 20.0, -20.0]).repeat_interleave(dim).reshape(7, dim)])
-    exact = torch.nn.functional.softplus(logits.double()).sum(-1)
-    actual = softplus_sum(logits)
-    assert actual.dtype == torch.float32 and actual.shape == (57,)
-    assert torch.all((actual.double() - exact).abs() <= 1e-6 * exact.abs().clamp(min=1.0) * dim ** 0.5)
-    assert softplus_sum(torch.tensor([[math.inf, -math.inf]])).item() == math.inf
-    assert torch.isnan(softplus_sum(torch.tensor([[math.nan, 0.0]]))).all()
+    for value in (torch.zeros(dim), torch.ones(dim), torch.bernoulli(torch.full(logits.shape, 0.5))):  # [D]; [B, D]
+        exact = (value.double() * logits.double() - torch.nn.functional.softplus(logits.double())).sum(-1)
+        actual = bernoulli_log_prob(logits, value)
+        assert actual.dtype == torch.float32 and actual.shape == (57,)
+        assert torch.all((actual.double() - exact).abs() <= 1e-6 * exact.abs().clamp(min=1.0) * dim ** 0.5)
+    assert bernoulli_log_prob(torch.tensor([[1e30, -1e30]]), torch.tensor([1.0, 0.0])).item() == 0.0
+    assert bernoulli_log_prob(torch.tensor([[1e30, -1e30]]), torch.tensor([0.0, 0.0])).item() == -torch.tensor(1e30).item()
+    assert torch.isnan(bernoulli_log_prob(torch.tensor([[math.nan, 0.0]]), torch.zeros(2))).all()
 
 
-def test_softplus_sum_gradient_is_the_sigmoid_including_at_zero():
-    from pyro_vae.distributions import softplus_sum
+@pytest.mark.parametrize("logit_shape,value_shape", [((2, 6), (2, 6)), ((1, 2, 6), (2, 6)), ((3, 2, 6), (2, 6)),
+                                                     ((2, 6), (3, 2, 6))])
+def test_bernoulli_log_prob_gradient_is_the_residual_including_at_zero(logit_shape, value_shape):
+    """d/dl = x - sigmoid(l) (1/2 from x at l = 0, where |l| has no
+    derivative), d/dx = l, whichever of logits and data has more batch dims."""
+    logits = torch.randn(logit_shape, dtype=torch.float64).index_fill_(-1, torch.tensor([0]), 0.0).requires_grad_()
+    value = torch.bernoulli(torch.full(value_shape, 0.5, dtype=torch.float64)).requires_grad_()
+    (bernoulli_log_prob(logits, value) * 2.0).sum().backward()
+    expected = dist.Bernoulli(logits=logits).log_prob(value.detach()).sum(-1)
+    assert torch.allclose(bernoulli_log_prob(logits, value), expected)
+    residual = (value.detach() - torch.sigmoid(logits.detach())).sum_to_size(logit_shape)
+    assert torch.allclose(logits.grad, 2.0 * residual)
+    assert torch.autograd.gradcheck(bernoulli_log_prob, (logits, value))
 
-    logits = torch.tensor([[0.0, 3.0, -3.0, 50.0, -50.0, 0.5]], requires_grad=True)
-    (softplus_sum(logits) * 2.0).sum().backward()
-    assert torch.allclose(logits.grad, 2.0 * torch.sigmoid(logits.detach()), atol=1e-7)
-    assert logits.grad[0, 0] == 1.0  # sigmoid(0) = 1/2, where |l| has no derivative
-    double = torch.randn(3, 12, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(softplus_sum, double)
-    assert torch.autograd.gradgradcheck(softplus_sum, double)
 
-
-def test_softplus_sum_keeps_pyro_provenance():
+def test_bernoulli_log_prob_keeps_pyro_provenance():
     """TraceGraph_ELBO tracks which latents a cost depends on with
-    provenance tensors; the sum must keep the provenance and the gradient."""
+    provenance tensors; the log-density must keep the provenance and the gradient."""
     from pyro.ops.provenance import get_provenance, track_provenance
 
-    from pyro_vae.distributions import softplus_sum
-
     logits = torch.randn(4, 10, requires_grad=True)
-    total = softplus_sum(track_provenance(logits * 1.0, frozenset({"z"})))
+    value = torch.bernoulli(torch.full((4, 10), 0.5))
+    total = bernoulli_log_prob(track_provenance(logits * 1.0, frozenset({"z"})), value)
     assert get_provenance(total) == frozenset({"z"})
     total.sum().backward()
-    assert torch.allclose(logits.grad, torch.sigmoid(logits.detach()))
+    assert torch.allclose(logits.grad, value - torch.sigmoid(logits.detach()))
