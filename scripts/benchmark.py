@@ -12,7 +12,8 @@ Cases, on Burda et al.'s MNIST architecture (784-200-200-50, tanh):
 - ``train_step``: one Adam step on a batch of 100 with the mean-field ELBO,
   pyro-vae's trainer step (the ``meanfield_elbo`` objective module, fused
   Adam, the gradients checked for NaN before the update, the loss for
-  divergence after; eager, and with ``train.compile = true``) vs the same
+  divergence after; eager with the traces built directly, the same with
+  ``train.direct_traces = false``, and with ``train.compile = true``) vs the same
   math written by hand, with PyTorch's default Adam and with fused Adam.
 - ``pipeline``: training examples/s of whole pipelines (batches + steps):
   pyro-vae's trainer, a hand-written step on the same batches, the style of
@@ -29,7 +30,7 @@ Cases, on Burda et al.'s MNIST architecture (784-200-200-50, tanh):
   hand-written loop over the K samples with ``torch.distributions``, and
   (b) a hand-written evaluation of all K samples at once.
 
-Usage: ``python scripts/benchmark.py [--device cpu|cuda] [--iw-samples 1000]``
+Usage: ``python scripts/benchmark.py [--device cpu|cuda] [--iw-samples 1000] [--cases train_step ...]``
 """
 from __future__ import annotations
 
@@ -55,12 +56,13 @@ CONFIG = "configs/mnist_burda.toml"
 CHUNK = "auto"  # samples drawn at once by pyro-vae's evaluator: sized for the device
 PYTHAE_SAMPLE_BATCH = 500  # samples per batch in pythae's get_nll
 NESTING = 1  # plates of the Gaussian VAE: the data plate only
+CASES = ["train_step", "pipeline", "flop_limit", "iw_chunks", "iw_eval", "iw_throughput", "memory"]
 
 
-def build(device: str, compile: bool = False) -> Experiment:
+def build(device: str, compile: bool = False, direct_traces: bool = True) -> Experiment:
     config = load_config(CONFIG)
-    config = config.model_copy(update={"train": config.train.model_copy(update={"compile": compile})})
-    return Experiment.build(config, torch.device(device))
+    train = config.train.model_copy(update={"compile": compile, "direct_traces": direct_traces})
+    return Experiment.build(config.model_copy(update={"train": train}), torch.device(device))
 
 
 def sync(device: str) -> None:
@@ -138,6 +140,7 @@ def train_step_case(device: str, repeats: int) -> dict:
     x = experiment.data["train"].batch(slice(0, 100))
     with tempfile.TemporaryDirectory() as unused:  # the trainer's step writes nothing there
         trainer = Trainer(experiment, RunDir(unused))  # the trainer's own step: guarded, checked, summed
+        pyro_traced = Trainer(build(device, direct_traces=False), RunDir(unused))  # train.direct_traces = false
         compiled = Trainer(build(device, compile=True), RunDir(unused))  # train.compile = true
         for _ in range(3):
             compiled.step(x)  # compiles (forward and backward) before the clock starts
@@ -154,9 +157,11 @@ def train_step_case(device: str, repeats: int) -> dict:
             loss.backward()
             optimizer.step()
 
-        times = {"pyro_vae_ms": [], "pyro_vae_compiled_ms": [], **{k: [] for k in reference_optimizers}}
+        times = {"pyro_vae_ms": [], "pyro_vae_pyro_traces_ms": [], "pyro_vae_compiled_ms": [],
+                 **{k: [] for k in reference_optimizers}}
         for _ in range(repeats):  # interleaved, so drifts in machine load hit every variant
             times["pyro_vae_ms"].append(median_ms(lambda: trainer.step(x), device, 1, 50))
+            times["pyro_vae_pyro_traces_ms"].append(median_ms(lambda: pyro_traced.step(x), device, 1, 50))
             times["pyro_vae_compiled_ms"].append(median_ms(lambda: compiled.step(x), device, 1, 50))
             for key, ref_optimizer in reference_optimizers.items():
                 times[key].append(median_ms(lambda opt=ref_optimizer: reference_step(opt), device, 1, 50))
@@ -164,6 +169,7 @@ def train_step_case(device: str, repeats: int) -> dict:
         out["speedup_vs_handwritten"] = round(out["handwritten_torch_ms"] / out["pyro_vae_ms"], 2)
         out["speedup_vs_handwritten_fused_adam"] = round(out["handwritten_torch_fused_adam_ms"] / out["pyro_vae_ms"], 2)
         out["compiled_speedup"] = round(out["pyro_vae_ms"] / out["pyro_vae_compiled_ms"], 2)
+        out["direct_traces_speedup"] = round(out["pyro_vae_pyro_traces_ms"] / out["pyro_vae_ms"], 2)
         return out
 
 
@@ -440,20 +446,22 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--pipeline-steps", type=int, default=300, help="training steps timed per pipeline")
+    parser.add_argument("--cases", nargs="+", choices=CASES, default=CASES, help="the cases to run (default: all)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
-    step = train_step_case(args.device, args.repeats)
-    pipeline = pipeline_case(args.device, args.pipeline_steps)
-    results = [
-        step,
-        pipeline,
-        flop_limit_case(args.device, step, pipeline),
-        iw_chunks_case(args.device, args.iw_samples),
-        iw_case(args.device, args.repeats, args.iw_samples),
-        iw_throughput_case(args.device, 5000, 10),
-        memory_case(args.device, max(args.iw_samples, 5000)),
-    ]
+    step = train_step_case(args.device, args.repeats) if {"train_step", "flop_limit"} & set(args.cases) else None
+    pipeline = pipeline_case(args.device, args.pipeline_steps) if {"pipeline", "flop_limit"} & set(args.cases) else None
+    cases = {
+        "train_step": lambda: step,
+        "pipeline": lambda: pipeline,
+        "flop_limit": lambda: flop_limit_case(args.device, step, pipeline),
+        "iw_chunks": lambda: iw_chunks_case(args.device, args.iw_samples),
+        "iw_eval": lambda: iw_case(args.device, args.repeats, args.iw_samples),
+        "iw_throughput": lambda: iw_throughput_case(args.device, 5000, 10),
+        "memory": lambda: memory_case(args.device, max(args.iw_samples, 5000)),
+    }
+    results = [cases[name]() for name in CASES if name in args.cases]
     meta = {"device": args.device, "threads": args.threads, "torch": torch.__version__}
     print(json.dumps({"setup": meta, "results": results}, indent=2))
 
