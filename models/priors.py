@@ -103,21 +103,20 @@ class VampPrior(PartModule):
                               f"'lowrank_normal'")
         self.pseudo_inputs = torch.nn.Parameter(init_mean + init_sd * torch.randn(pseudo_inputs, *event_shape))
         self.__dict__["guide"] = guide  # not a submodule: the guide's parameters stay the guide's
-        with torch.no_grad():
-            component = guide.distribution(self.pseudo_inputs[:2])
-        while isinstance(component, dist.Independent):
-            component = component.base_dist
-        if isinstance(component, dist.Delta) or not component.has_rsample:
-            kind = "a point mass" if isinstance(component, dist.Delta) else "discrete"
-            raise ConfigError(f"prior 'vamp' needs a guide whose q(z|x) is a density over continuous latents; "
-                              f"{type(guide).__name__}'s is {kind}: use guide 'normal' or 'lowrank_normal'")
         try:  # the mixture evaluates every component at every z: q(. | u) must broadcast over the u
             with torch.no_grad():
-                guide.distribution(self.pseudo_inputs[:2]).log_prob(torch.zeros(3, 1, latent_dim))
+                component = guide.distribution(self.pseudo_inputs[:2])
+                component.log_prob(torch.zeros(3, 1, latent_dim))
         except RuntimeError as exc:
             raise ConfigError(f"prior 'vamp' needs a guide whose q(z|x) broadcasts over a batch of pseudo-inputs; "
                               f"{type(guide).__name__}'s does not ({str(exc).splitlines()[0]}): use guide 'normal' "
                               f"or 'lowrank_normal'") from None
+        while isinstance(component, dist.Independent):
+            component = component.base_dist
+        if isinstance(component, dist.Delta) or component.support.is_discrete:
+            kind = "a point mass" if isinstance(component, dist.Delta) else "discrete"
+            raise ConfigError(f"prior 'vamp' needs a guide whose q(z|x) is a density over continuous latents; "
+                              f"{type(guide).__name__}'s is {kind}: use guide 'normal' or 'lowrank_normal'")
 
     def forward(self, batch_size: int) -> dist.TorchDistribution:
         components = self.guide.distribution(self.pseudo_inputs.clamp(0.0, 1.0))

@@ -52,7 +52,8 @@ class BernoulliLogProb(torch.autograd.Function):
         d/dl_d = x_d - sigmoid(l_d)      (exactly 1/2 away from x at l = 0)
         d/dx_d = l_d
 
-    in one pass over the logits, in place: autograd through the sum of
+    in one pass over the logits, in place (out of place under
+    ``create_graph``, so it has a gradient too): autograd through the sum of
     products and the softplus would take four."""
 
     @staticmethod
@@ -69,9 +70,10 @@ class BernoulliLogProb(torch.autograd.Function):
         grad = grad.unsqueeze(-1)
         grad_logits = grad_value = None
         if ctx.needs_input_grad[0]:
-            if torch.broadcast_shapes(logits.shape, value.shape, grad.shape) == logits.shape:
+            in_place = not torch.is_grad_enabled()  # (grad mode here: a backward with create_graph)
+            if in_place and torch.broadcast_shapes(logits.shape, value.shape, grad.shape) == logits.shape:
                 grad_logits = torch.sigmoid(logits).sub_(value).mul_(-grad)
-            else:  # data with more batch dims than the logits
+            else:  # differentiable, or data with more batch dims than the logits
                 grad_logits = ((value - torch.sigmoid(logits)) * grad).sum_to_size(logits.shape)
         if ctx.needs_input_grad[1]:
             grad_value = (grad * logits).sum_to_size(value.shape)
@@ -90,6 +92,7 @@ def bernoulli_log_prob(logits: torch.Tensor, value: torch.Tensor) -> torch.Tenso
     tensors) get their ``__torch_function__``, as for any torch op."""
     if has_torch_function((logits, value)):
         return handle_torch_function(bernoulli_log_prob, (logits, value), logits, value)
+    value = value.to(logits.dtype)  # (integer or boolean data)
     if logits.numel() == value.numel() and torch.broadcast_shapes(logits.shape, value.shape) == logits.shape:
         return binary_cross_entropy_with_logits(logits, value.expand_as(logits), reduction="none").sum(-1).neg()
     return BernoulliLogProb.apply(logits, value)

@@ -20,6 +20,7 @@ dimensions.  Grouped by role (:class:`Particles`), each of shape ``[K, B]``::
 from __future__ import annotations
 
 import math
+import weakref
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Mapping, Optional
 
@@ -66,7 +67,7 @@ def guide_and_model_traces(model: Callable, guide: Callable, x: torch.Tensor, nu
     parts' distributions instead (:func:`direct_traces`): the same sites,
     distributions, shapes and draws, without Pyro's per-site messages (about
     a millisecond of a training step)."""
-    if builds_traces_directly(model, guide, nesting):
+    if builds_traces_directly(model, guide, nesting) and keeps_one_latent_site(model, guide, x):
         return direct_traces(model, guide, x, num_particles)
     if num_particles is None:
         return _pyro_traces(model, guide, x)
@@ -81,23 +82,49 @@ def _pyro_traces(model: Callable, guide: Callable, x: torch.Tensor) -> tuple[pou
 
 
 def builds_traces_directly(model: Callable, guide: Callable, nesting: int = 1) -> bool:
-    """Whether :func:`direct_traces` stands in for Pyro here: a
+    """Whether :func:`direct_traces` may stand in for Pyro here: a
     :class:`~pyro_vae.contract.LatentVariableModel` that allows it
     (``direct_traces``, the config's ``train.direct_traces``) and a
     :class:`~pyro_vae.contract.DistributionGuide`, neither with its own
-    ``forward``, the data plate the only plate, and no Pyro handler active
-    around the call (a ``poutine.scale`` or ``block`` must see the sites)."""
+    ``forward`` nor forward hooks, the data plate the only plate, and no Pyro
+    handler active around the call (a ``poutine.scale`` or ``block`` must see
+    the sites).  :func:`keeps_one_latent_site` checks the rest once."""
     return (isinstance(model, LatentVariableModel) and model.direct_traces and isinstance(guide, DistributionGuide)
             and type(model).forward is LatentVariableModel.forward
             and type(guide).forward is DistributionGuide.forward
+            and not (model._forward_hooks or model._forward_pre_hooks or guide._forward_hooks
+                     or guide._forward_pre_hooks)
             and nesting == 1 and not am_i_wrapped())
+
+
+_ONE_LATENT_SITE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {guide: verdict}
+
+
+def keeps_one_latent_site(model: LatentVariableModel, guide: DistributionGuide, x: torch.Tensor) -> bool:
+    """Whether Pyro's traces of the pair hold the contract's sample sites
+    alone (the guide's ``"z"``, the model's ``"z"`` and ``"x"``): a prior,
+    likelihood or guide distribution that makes sites of its own (a
+    ``PyroSample`` attribute, a ``pyro.sample`` inside ``observation``) must
+    be traced by Pyro.  Found once per pair, on the first two datapoints,
+    with the random number generators put back."""
+    verdicts = _ONE_LATENT_SITE.setdefault(model, weakref.WeakKeyDictionary())
+    if guide not in verdicts:
+        devices = [x.device.index if x.device.index is not None else torch.cuda.current_device()] if x.is_cuda else []
+        with torch.no_grad(), torch.random.fork_rng(devices=devices):
+            guide_trace, model_trace = _pyro_traces(model, guide, x[:2])
+        verdicts[guide] = ([name for name, _ in sample_sites(guide_trace)] == [LATENT_SITE]
+                           and [name for name, _ in sample_sites(model_trace)] == [LATENT_SITE, OBSERVED_SITE])
+    return verdicts[guide]
 
 
 def _broadcast(fn, frames: tuple[CondIndepStackFrame, ...]):
     """``fn`` expanded to the plates' batch shape, as Pyro's plates expand a
     site's distribution (``BroadcastMessenger``)."""
     shape = list(fn.batch_shape)
-    for frame in frames:
+    for frame in reversed(frames):  # the innermost plate first, as Pyro's messages meet them
+        if len(fn.batch_shape) >= -frame.dim and fn.batch_shape[frame.dim] not in (1, frame.size):
+            raise ValueError(f"Shape mismatch inside plate({frame.name!r}) at dim {frame.dim}: the distribution's "
+                             f"batch shape is {tuple(fn.batch_shape)}, the plate's size {frame.size}")
         shape = [1] * (-frame.dim - len(shape)) + shape
         shape[frame.dim] = frame.size
     if fn.batch_shape == tuple(shape):

@@ -225,6 +225,14 @@ def test_vamp_prior_is_the_mean_of_the_guide_at_its_pseudo_inputs():
         build_model_and_guide(config_from_dict(raw), {"event_shape": (1, 4, 4)})
     with pytest.raises(ConfigError, match=r"prior 'vamp' needs a guide with a distribution\(x\) method.*Module has"):
         VampPrior(latent_dim=3, guide=torch.nn.Module(), event_shape=(1, 4, 4))
+
+    class WordGuide(torch.nn.Module):  # an embedding's guide (lstm) fails on real-valued pseudo-inputs
+        def distribution(self, x):
+            return torch.nn.Embedding(5, 3)(x)
+
+    with pytest.raises(ConfigError, match=r"prior 'vamp' needs a guide whose q\(z\|x\) broadcasts.*WordGuide's "
+                                          r"does not \(Expected tensor for argument #1 'indices'"):
+        VampPrior(latent_dim=3, guide=WordGuide(), event_shape=(1, 4, 4))
     raw["guide"] = {"name": "iaf", "hidden": [8]}
     with pytest.raises(ConfigError, match=r"prior 'vamp' needs a guide whose q\(z\|x\) broadcasts.*IAFGuide"):
         build_model_and_guide(config_from_dict(raw), {"event_shape": (1, 4, 4)})

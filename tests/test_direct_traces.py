@@ -5,6 +5,7 @@ import pyro
 import pyro.poutine as poutine
 import pytest
 import torch
+from pyro.nn import PyroSample
 
 from pyro_vae import registry
 from pyro_vae.config import config_from_dict
@@ -26,8 +27,9 @@ IMAGE_PAIRS = [  # (prior, guide, likelihood): every image guide with a density,
 ]
 
 
-def image_vae(prior, guide, likelihood, direct=True):
-    raw = {"data": {"name": "mnist"}, "model": {"name": "mlp", "latent_dim": 3, "hidden": [8], "likelihood": likelihood},
+def image_vae(prior, guide, likelihood, direct=True, latent_dim=3):
+    raw = {"data": {"name": "mnist"},
+           "model": {"name": "mlp", "latent_dim": latent_dim, "hidden": [8], "likelihood": likelihood},
            "prior": {"name": prior}, "guide": {"name": guide, "hidden": [8]}, "objective": {"name": "meanfield_elbo"},
            "train": {"direct_traces": direct}}
     torch.manual_seed(0)
@@ -159,8 +161,39 @@ def test_pyro_runs_the_programs_wherever_the_direct_route_would_differ():
     guide.__class__ = OwnForward
     assert traced_by_pyro(model, guide)
     guide.__class__ = OwnForward.__mro__[1]
+    hook = guide.register_forward_pre_hook(lambda module, args: None)
+    assert traced_by_pyro(model, guide)
+    hook.remove()
+    assert not traced_by_pyro(model, guide)
     model.direct_traces = False
     assert traced_by_pyro(model, guide)
+
+
+NOISE = pyro.distributions.LogNormal(0.0, 1.0).expand([1]).to_event(1)
+
+
+class NoisyModel(ZIgnoringModel):
+    """A likelihood that makes a sample site of its own: a PyroSample
+    attribute (``noise``), or ``pyro.sample`` called in ``observation``."""
+
+    def __init__(self, explicit: bool):
+        super().__init__()
+        self.explicit = explicit
+        if not explicit:
+            self.noise = PyroSample(NOISE)
+
+    def observation(self, z, x):
+        noise = pyro.sample("noise", NOISE) if self.explicit else self.noise  # [*particles, B, 1] in the plates
+        return pyro.distributions.Bernoulli(logits=noise * self.logits.expand(z.shape[-2], 16)).to_event(1)
+
+
+@pytest.mark.parametrize("explicit", [False, True])
+def test_a_part_with_sites_of_its_own_is_traced_by_pyro(explicit):
+    _, guide = image_vae("standard_normal", "normal", "bernoulli")
+    model = NoisyModel(explicit)
+    assert builds_traces_directly(model, guide)  # the classes allow it; the sites found on the first call do not
+    _, model_trace = guide_and_model_traces(model, guide, image_batch("bernoulli"), 3)
+    assert [name for name, _ in sample_sites(model_trace)] == ["z", "noise", "x"]
 
 
 def test_train_direct_traces_reaches_the_model():
@@ -168,3 +201,21 @@ def test_train_direct_traces_reaches_the_model():
         model, guide = image_vae("standard_normal", "normal", "bernoulli", direct=direct)
         assert isinstance(model, LatentVariableModel) and isinstance(guide, DistributionGuide)
         assert builds_traces_directly(model, guide) is direct
+
+
+def test_a_guide_without_to_event_gets_pyros_plate_error_on_both_routes():
+    """A latent whose dimensions were left in the batch shape clashes with the
+    data plate: the same ValueError on both routes, not a failed expand.
+    (Two latents, so the first two datapoints, on which the pair's sites are
+    checked once, happen to fit the plate and the direct route goes on.)"""
+    model, guide = image_vae("standard_normal", "normal", "bernoulli", latent_dim=2)
+
+    class BatchShapedGuide(type(guide)):
+        def distribution(self, x):
+            return super().distribution(x).base_dist  # Normal of batch shape [B, 3]
+
+    guide.__class__ = BatchShapedGuide
+    for direct in (True, False):
+        model.direct_traces = direct
+        with pytest.raises(ValueError, match=r"Shape mismatch inside plate\('data'\)"):
+            guide_and_model_traces(model, guide, image_batch("bernoulli")[:4], 2)

@@ -59,6 +59,9 @@ def test_bernoulli_log_prob_gradient_is_the_residual_including_at_zero(logit_sha
     residual = (value.detach() - torch.sigmoid(logits.detach())).sum_to_size(logit_shape)
     assert torch.allclose(logits.grad, 2.0 * residual)
     assert torch.autograd.gradcheck(bernoulli_log_prob, (logits, value))
+    assert torch.autograd.gradgradcheck(bernoulli_log_prob, (logits, value))
+    as_bytes = bernoulli_log_prob(logits.detach(), value.detach().to(torch.uint8))
+    assert torch.equal(as_bytes, bernoulli_log_prob(logits.detach(), value.detach()))
 
 
 def test_bernoulli_log_prob_keeps_pyro_provenance():
