@@ -107,7 +107,9 @@ def keeps_one_latent_site(model: LatentVariableModel, guide: DistributionGuide, 
     ``PyroSample`` attribute, a ``pyro.sample`` inside ``observation``) must
     be traced by Pyro.  Found once per pair, on the first two datapoints,
     with the random number generators put back."""
-    verdicts = _ONE_LATENT_SITE.setdefault(model, weakref.WeakKeyDictionary())
+    verdicts = _ONE_LATENT_SITE.get(model)
+    if verdicts is None:
+        verdicts = _ONE_LATENT_SITE[model] = weakref.WeakKeyDictionary()
     if guide not in verdicts:
         devices = [x.device.index if x.device.index is not None else torch.cuda.current_device()] if x.is_cuda else []
         with torch.no_grad(), torch.random.fork_rng(devices=devices):
