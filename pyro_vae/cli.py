@@ -24,6 +24,7 @@ from pathlib import Path
 
 
 from pyro_vae import registry
+from pyro_vae.allocator import keep_freed_memory
 from pyro_vae.config import load_config
 from pyro_vae.errors import ConfigError, PyroVAEError, TrainingInterrupted
 
@@ -265,6 +266,7 @@ class _Messages(logging.Handler):
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    keep_freed_memory()
     logger = logging.getLogger("pyro_vae")
     handler = _Messages()
     logger.addHandler(handler)

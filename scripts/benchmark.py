@@ -28,7 +28,10 @@ Cases, on Burda et al.'s MNIST architecture (784-200-200-50, tanh):
 - ``iw_eval``: the importance-sampled log-likelihood of 100 test images with K
   samples; pyro-vae's chunked, particle-plate-vectorized evaluator vs (a) a
   hand-written loop over the K samples with ``torch.distributions``, and
-  (b) a hand-written evaluation of all K samples at once.
+  (b) a hand-written evaluation of all K samples at once;
+- ``allocator``: the evaluator's throughput and page faults in fresh
+  processes with :func:`pyro_vae.allocator.keep_freed_memory` (which the
+  ``pyro-vae`` command and this script call at start) and without it.
 
 Usage: ``python scripts/benchmark.py [--device cpu|cuda] [--iw-samples 1000] [--cases train_step ...]``
 """
@@ -38,6 +41,7 @@ import argparse
 import copy
 import json
 import multiprocessing as mp
+import resource
 import statistics
 import tempfile
 import time
@@ -46,6 +50,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from pyro_vae.allocator import keep_freed_memory
 from pyro_vae.config import load_config
 from pyro_vae.evaluate import chunked_log_weights, cpu_chunk_size, importance_log_likelihood
 from pyro_vae.experiment import Experiment, build_model_and_guide
@@ -56,7 +61,7 @@ CONFIG = "configs/mnist_burda.toml"
 CHUNK = "auto"  # samples drawn at once by pyro-vae's evaluator: sized for the device
 PYTHAE_SAMPLE_BATCH = 500  # samples per batch in pythae's get_nll
 NESTING = 1  # plates of the Gaussian VAE: the data plate only
-CASES = ["train_step", "pipeline", "flop_limit", "iw_chunks", "iw_eval", "iw_throughput", "memory"]
+CASES = ["train_step", "pipeline", "flop_limit", "iw_chunks", "iw_eval", "iw_throughput", "memory", "allocator"]
 
 
 def build(device: str, compile: bool = False, direct_traces: bool = True) -> Experiment:
@@ -397,6 +402,7 @@ def flop_limit_case(device: str, train_step: dict, pipeline: dict) -> dict:
 
 def _peak_memory_child(kind: str, device: str, num_samples: int, queue) -> None:
     """Builds only the model and guide (no dataset), so the peak measured is the evaluation's."""
+    keep_freed_memory()  # as the command does
     torch.set_num_threads(1)
     event_shape = (1, 28, 28)
     model, guide = build_model_and_guide(load_config(CONFIG), {"event_shape": event_shape})
@@ -439,6 +445,47 @@ def memory_case(device: str, num_samples: int) -> dict:
             "memory_ratio_handwritten_over_pyro_vae": round(out["handwritten_all_at_once"] / max(out["pyro_vae"], 1e-9), 1)}
 
 
+def _is_pass_child(keep: bool, device: str, num_samples: int, threads: int, queue) -> None:
+    """The evaluator's throughput and minor page faults over 100 test images
+    (a warm-up pass, then a timed one), with or without :func:`keep_freed_memory`."""
+    if keep:
+        keep_freed_memory()
+    torch.set_num_threads(threads)
+    experiment = build(device)
+    x = experiment.data["test"].batch(slice(0, 100))
+    with torch.no_grad():
+        chunked_log_weights(experiment.model, experiment.guide, x, num_samples, CHUNK, NESTING)
+        faults, start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt, time.perf_counter()
+        chunked_log_weights(experiment.model, experiment.guide, x, num_samples, CHUNK, NESTING)
+        sync(device)
+        seconds = time.perf_counter() - start
+    queue.put((round(100 * num_samples / seconds), resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults))
+
+
+def allocator_case(device: str, num_samples: int, threads: int, repeats: int) -> dict:
+    """``pyro_vae.allocator.keep_freed_memory`` against glibc's default
+    handling of freed blocks, in ``2 * repeats`` fresh processes of each
+    (alternating): the IS evaluator's datapoints x samples / s and minor page
+    faults, per process and their means.  Whether glibc's default returns the
+    chunks' blocks to the kernel varies from process to process."""
+    ctx = mp.get_context("spawn")
+    runs: dict[bool, list[tuple[int, int]]] = {True: [], False: []}
+    for _ in range(2 * repeats):
+        for keep in (True, False):
+            queue = ctx.Queue()
+            proc = ctx.Process(target=_is_pass_child, args=(keep, device, num_samples, threads, queue))
+            proc.start()
+            runs[keep].append(queue.get())
+            proc.join()
+    out = {"case": f"IS throughput by allocator setting, datapoints x samples / s (100 images, K={num_samples}, "
+                   f"fresh processes)"}
+    for keep, name in ((True, "keep_freed_memory"), (False, "glibc_default")):
+        out[name] = round(statistics.mean(r[0] for r in runs[keep]))
+        out[f"{name}_runs"] = [{"samples_per_s": r[0], "minor_faults": r[1]} for r in runs[keep]]
+    out["speedup"] = round(out["keep_freed_memory"] / out["glibc_default"], 2)
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -448,6 +495,7 @@ def main() -> None:
     parser.add_argument("--pipeline-steps", type=int, default=300, help="training steps timed per pipeline")
     parser.add_argument("--cases", nargs="+", choices=CASES, default=CASES, help="the cases to run (default: all)")
     args = parser.parse_args()
+    kept = keep_freed_memory()  # as the pyro-vae command does: every case below runs with it (`allocator` compares)
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     step = train_step_case(args.device, args.repeats) if {"train_step", "flop_limit"} & set(args.cases) else None
@@ -460,9 +508,11 @@ def main() -> None:
         "iw_eval": lambda: iw_case(args.device, args.repeats, args.iw_samples),
         "iw_throughput": lambda: iw_throughput_case(args.device, 5000, 10),
         "memory": lambda: memory_case(args.device, max(args.iw_samples, 5000)),
+        "allocator": lambda: allocator_case(args.device, args.iw_samples, args.threads, args.repeats),
     }
     results = [cases[name]() for name in CASES if name in args.cases]
-    meta = {"device": args.device, "threads": args.threads, "torch": torch.__version__}
+    meta = {"device": args.device, "threads": args.threads, "torch": torch.__version__,
+            "keep_freed_memory": kept}
     print(json.dumps({"setup": meta, "results": results}, indent=2))
 
 
