@@ -1,21 +1,30 @@
-"""``train.compile``: the parts' networks run through :func:`torch.compile`.
+"""``train.compile``: an objective's loss through :func:`torch.compile`, whole.
 
-What is compiled is the forward of every plain :class:`torch.nn.Module`
-child of the model's and guide's ``PyroModule`` s (the encoder and decoder
-MLPs): the tensor code, which TorchDynamo traces without graph breaks.
-Pyro's sample statements and the objective stay eager; the math is the
-same (the loss and the gradients agree with the eager path to float
-rounding, tested).  Each network's compiled forward replaces its
-``forward`` as an instance attribute, so parameters, ``state_dict`` keys
+For the contract's one-latent parts the trace core builds the traces without
+Pyro's handlers (:func:`pyro_vae.traces.direct_traces`), so an objective's
+``forward`` -- the guide's and model's networks, their distributions, the
+traces, the log-densities and the loss -- is tensor code that TorchDynamo
+captures as one graph (``fullgraph=True``).  Inductor fuses its elementwise
+work and AOTAutograd its backward's, and the step sheds the Python overhead
+of each eager operation and distribution object.  The objective's
+``forward`` is replaced on the instance, so parameters, ``state_dict`` keys
 and checkpoints do not change.
 
-The fallback: where compiling fails on first use (no C++ compiler for
-Inductor on the CPU, an operator Inductor does not lower), the network goes
-back to its eager forward for good, with one warning.  On this project's CPU
-machine the compiled Burda networks were slower than eager ones (their time
-is in matrix products that MKL already runs near peak), so the switch is
-off by default; it is meant for GPUs, where fusing the elementwise work
-counts.
+These calls run the eager ``forward``:
+
+- calls without gradients (the trainer's ``prepare``, which also does each
+  objective's first-use work: the plate nesting, the one-latent-site check);
+- calls under Pyro's validation (the trainer validates each epoch's first
+  step): the distributions' argument checks cannot be traced;
+- every call, once capturing has failed: an objective or part whose traces
+  are Pyro's (``trace_elbo`` and ``tracegraph_elbo`` run Pyro's ELBOs, a part
+  with its own ``forward`` runs Pyro's handlers), or no C++ compiler for
+  Inductor.  One warning names the reason.
+
+Random draws inside the compiled graph come from Inductor's generator
+(seeded from torch's), so a compiled run's draws differ from an eager run's;
+given the same draws (``torch._inductor.config.fallback_random``) the loss
+and the gradients are the eager ones to float rounding (tested).
 """
 from __future__ import annotations
 
@@ -23,49 +32,39 @@ import logging
 from typing import Any, Callable
 
 import torch
-from pyro.nn import PyroModule
+from pyro.distributions.util import is_validation_enabled
 
 log = logging.getLogger("pyro_vae")
 
 
-class CompiledForward:
-    """A network's ``forward`` compiled on first call, or its eager forward
-    once compiling has failed."""
+class CompiledObjective:
+    """An objective's ``forward``, compiled on its first call with gradients,
+    or its eager ``forward`` where the module docstring says."""
 
-    def __init__(self, network: torch.nn.Module, name: str):
-        self.network, self.name = network, name
-        self.compiled: Callable[..., Any] | None = torch.compile(type(network).forward.__get__(network))
+    def __init__(self, objective: torch.nn.Module):
+        self.objective = objective
+        self.compiled: Callable[..., Any] | None = torch.compile(type(objective).forward.__get__(objective),
+                                                                 fullgraph=True)
+
+    def eager(self, *args: Any, **kwargs: Any) -> Any:
+        return type(self.objective).forward(self.objective, *args, **kwargs)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        if self.compiled is not None:
-            try:
-                return self.compiled(*args, **kwargs)
-            except Exception as exc:  # noqa: BLE001 -- any compiler failure falls back to eager
-                log.warning("torch.compile failed for %s (%s: %s); it runs uncompiled", self.name,
-                            type(exc).__name__, str(exc).splitlines()[0] if str(exc) else "")
-                self.compiled = None
-        return type(self.network).forward(self.network, *args, **kwargs)
+        if self.compiled is None or not torch.is_grad_enabled() or is_validation_enabled():
+            return self.eager(*args, **kwargs)
+        try:
+            return self.compiled(*args, **kwargs)
+        except Exception as exc:  # noqa: BLE001 -- any capture or compiler failure falls back to eager
+            message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+            log.warning("torch.compile cannot compile objective %s whole (%s: %s); it runs uncompiled",
+                        type(self.objective).__name__, type(exc).__name__, message)
+            self.compiled = None
+        return self.eager(*args, **kwargs)
 
 
-def networks(*parts: torch.nn.Module) -> list[tuple[str, torch.nn.Module]]:
-    """The plain ``nn.Module`` children of every ``PyroModule`` in ``parts``,
-    with their names: the networks a model or guide calls."""
-    found = []
-    for part in parts:
-        for prefix, module in part.named_modules():
-            if isinstance(module, PyroModule):
-                found += [(f"{prefix}.{name}".lstrip("."), child) for name, child in module.named_children()
-                          if not isinstance(child, PyroModule)]
-    return found
-
-
-def compile_networks(model: torch.nn.Module, guide: torch.nn.Module) -> list[str]:
-    """Route each network of the model and guide through :class:`CompiledForward`;
-    returns their names (``model.decoder``, ``guide.encoder``)."""
-    names = []
-    for root, part in (("model", model), ("guide", guide)):
-        for name, network in networks(part):
-            if not isinstance(network.__dict__.get("forward"), CompiledForward):
-                network.forward = CompiledForward(network, f"{root}.{name}")
-            names.append(f"{root}.{name}")
-    return names
+def compile_objective(objective: torch.nn.Module) -> CompiledObjective:
+    """Route ``objective``'s ``forward`` through :class:`CompiledObjective` (once)."""
+    current = objective.__dict__.get("forward")
+    if not isinstance(current, CompiledObjective):
+        current = objective.forward = CompiledObjective(objective)
+    return current

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from typing import Any, Literal, Sequence
 
+from pyro.poutine.runtime import am_i_wrapped
+from pyro.poutine.util import is_validation_enabled
 from pyro.nn import PyroModule
 from torch import nn
 
@@ -42,10 +44,34 @@ class PartModule(PyroModule):
     nothing here.  ``PyroParam`` and ``PyroSample`` attributes and
     ``PyroModule`` children behave as in any ``PyroModule``; a part that
     wants its networks' parameters seen by Pyro's handlers (``poutine.lift``,
-    say) subclasses ``PyroModule`` instead."""
+    say) subclasses ``PyroModule`` instead.
+
+    A call enters Pyro's module context (which caches ``PyroParam`` and
+    ``PyroSample`` values for the call's length, scopes module-local
+    parameters and sends a ``param`` message for each parameter of a
+    ``PyroModule`` inside the part) where the part or a ``PyroModule``
+    inside it has ``PyroParam`` or ``PyroSample`` attributes, where a Pyro
+    handler is active (``poutine.trace`` sees the ``param`` sites), and
+    whenever Pyro's validation is on (the trainer validates each epoch's
+    first step; then Pyro also refuses a global ``pyro.param`` inside a
+    part, as module-local parameters require).  Otherwise the call is
+    torch's plain module call: the context did nothing there, cost ~30-80
+    us a call, and read Pyro's settings through ``importlib``, which
+    ``torch.compile`` cannot trace."""
 
     def __getattr__(self, name: str) -> Any:
         child = self.__dict__["_modules"].get(name)
         if child is not None and not isinstance(child, PyroModule):
             return child
         return super().__getattr__(name)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if am_i_wrapped() or is_validation_enabled() or self.uses_pyro_attributes():
+            return super().__call__(*args, **kwargs)
+        return nn.Module.__call__(self, *args, **kwargs)
+
+    def uses_pyro_attributes(self) -> bool:
+        """Whether this part or a ``PyroModule`` inside it has ``PyroParam`` or
+        ``PyroSample`` attributes."""
+        return any(m.__dict__.get("_pyro_params") or m.__dict__.get("_pyro_samples")
+                   for m in self.modules() if isinstance(m, PyroModule))

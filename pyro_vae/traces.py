@@ -97,7 +97,7 @@ def builds_traces_directly(model: Callable, guide: Callable, nesting: int = 1) -
             and nesting == 1 and not am_i_wrapped())
 
 
-_ONE_LATENT_SITE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # model -> {guide: verdict}
+_VERDICT = "_keeps_one_latent_site"  # the guide's attribute: (weak reference to the model, verdict)
 
 
 def keeps_one_latent_site(model: LatentVariableModel, guide: DistributionGuide, x: torch.Tensor) -> bool:
@@ -106,17 +106,18 @@ def keeps_one_latent_site(model: LatentVariableModel, guide: DistributionGuide, 
     likelihood or guide distribution that makes sites of its own (a
     ``PyroSample`` attribute, a ``pyro.sample`` inside ``observation``) must
     be traced by Pyro.  Found once per pair, on the first two datapoints,
-    with the random number generators put back."""
-    verdicts = _ONE_LATENT_SITE.get(model)
-    if verdicts is None:
-        verdicts = _ONE_LATENT_SITE[model] = weakref.WeakKeyDictionary()
-    if guide not in verdicts:
-        devices = [x.device.index if x.device.index is not None else torch.cuda.current_device()] if x.is_cuda else []
-        with torch.no_grad(), torch.random.fork_rng(devices=devices):
-            guide_trace, model_trace = _pyro_traces(model, guide, x[:2])
-        verdicts[guide] = ([name for name, _ in sample_sites(guide_trace)] == [LATENT_SITE]
-                           and [name for name, _ in sample_sites(model_trace)] == [LATENT_SITE, OBSERVED_SITE])
-    return verdicts[guide]
+    with the random number generators put back, and kept on the guide (a
+    plain attribute, which ``torch.compile`` reads without re-checking)."""
+    kept = guide.__dict__.get(_VERDICT)
+    if kept is not None and kept[0]() is model:
+        return kept[1]
+    devices = [x.device.index if x.device.index is not None else torch.cuda.current_device()] if x.is_cuda else []
+    with torch.no_grad(), torch.random.fork_rng(devices=devices):
+        guide_trace, model_trace = _pyro_traces(model, guide, x[:2])
+    verdict = ([name for name, _ in sample_sites(guide_trace)] == [LATENT_SITE]
+               and [name for name, _ in sample_sites(model_trace)] == [LATENT_SITE, OBSERVED_SITE])
+    guide.__dict__[_VERDICT] = (weakref.ref(model), verdict)
+    return verdict
 
 
 def _broadcast(fn, frames: tuple[CondIndepStackFrame, ...]):

@@ -370,3 +370,46 @@ def test_diagonal_normal_mixture_matches_the_componentwise_density_at_small_scal
     assert samples.shape == (20_000, 4, 5)
     assert torch.allclose(samples.mean((0, 1)), reference.mean, atol=0.05)
     assert torch.allclose((samples ** 2).mean((0, 1)), reference.variance + reference.mean ** 2, rtol=0.05)
+
+
+def test_a_part_call_skips_pyros_module_context_only_where_it_does_nothing(monkeypatch):
+    """Without Pyro attributes, handlers or validation, a part's call is
+    torch's; a PyroSample keeps one value per call, and under validation Pyro
+    still refuses a global pyro.param inside a part."""
+    import pyro
+    import pyro.distributions as dist
+    from pyro.nn import PyroModule, PyroSample
+
+    from pyro_vae.nn import PartModule
+
+    entered = []
+    pyro_call = PyroModule.__call__
+    monkeypatch.setattr(PyroModule, "__call__", lambda self, *a, **k: entered.append(1) or pyro_call(self, *a, **k))
+    prior = registry.PRIORS.build("standard_normal", {}, latent_dim=2)
+    with pyro.validation_enabled(False):
+        prior(3)
+        assert entered == []
+        poutine.trace(prior).get_trace(3)  # under a handler
+        assert entered == [1]
+    with pyro.validation_enabled(True):
+        prior(3)
+    assert entered == [1, 1]
+
+    class TwoDraws(PartModule):
+        def __init__(self):
+            super().__init__()
+            self.scale = PyroSample(dist.LogNormal(0.0, 1.0))
+
+        def forward(self):
+            return self.scale, self.scale
+
+    with pyro.validation_enabled(False):
+        first, second = TwoDraws()()
+    assert first is second
+
+    class GlobalParam(PartModule):
+        def forward(self):
+            return pyro.param("w", torch.ones(1))
+
+    with pyro.validation_enabled(True), pytest.raises(NotImplementedError):
+        GlobalParam()()
