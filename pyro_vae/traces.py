@@ -97,7 +97,19 @@ def builds_traces_directly(model: Callable, guide: Callable, nesting: int = 1) -
             and nesting == 1 and not am_i_wrapped())
 
 
-_VERDICT = "_keeps_one_latent_site"  # the guide's attribute: (weak reference to the model, verdict)
+class _PairVerdict:
+    """:func:`keeps_one_latent_site`'s answer for a guide and one model (held
+    by a weak reference), kept on the guide.  A pickled or copied guide
+    carries none (a weak reference cannot be pickled) and checks its pair again."""
+
+    def __init__(self, model: LatentVariableModel, keeps: bool):
+        self.model, self.keeps = weakref.ref(model), keeps
+
+    def __reduce__(self):
+        return type(None), ()
+
+
+_VERDICT = "_keeps_one_latent_site"  # the guide's attribute holding a _PairVerdict
 
 
 def keeps_one_latent_site(model: LatentVariableModel, guide: DistributionGuide, x: torch.Tensor) -> bool:
@@ -109,15 +121,15 @@ def keeps_one_latent_site(model: LatentVariableModel, guide: DistributionGuide, 
     with the random number generators put back, and kept on the guide (a
     plain attribute, which ``torch.compile`` reads without re-checking)."""
     kept = guide.__dict__.get(_VERDICT)
-    if kept is not None and kept[0]() is model:
-        return kept[1]
+    if kept is not None and kept.model() is model:
+        return kept.keeps
     devices = [x.device.index if x.device.index is not None else torch.cuda.current_device()] if x.is_cuda else []
     with torch.no_grad(), torch.random.fork_rng(devices=devices):
         guide_trace, model_trace = _pyro_traces(model, guide, x[:2])
-    verdict = ([name for name, _ in sample_sites(guide_trace)] == [LATENT_SITE]
-               and [name for name, _ in sample_sites(model_trace)] == [LATENT_SITE, OBSERVED_SITE])
-    guide.__dict__[_VERDICT] = (weakref.ref(model), verdict)
-    return verdict
+    keeps = ([name for name, _ in sample_sites(guide_trace)] == [LATENT_SITE]
+             and [name for name, _ in sample_sites(model_trace)] == [LATENT_SITE, OBSERVED_SITE])
+    guide.__dict__[_VERDICT] = _PairVerdict(model, keeps)
+    return keeps
 
 
 def _broadcast(fn, frames: tuple[CondIndepStackFrame, ...]):

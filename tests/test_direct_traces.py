@@ -196,6 +196,25 @@ def test_a_part_with_sites_of_its_own_is_traced_by_pyro(explicit):
     assert [name for name, _ in sample_sites(model_trace)] == ["z", "noise", "x"]
 
 
+def test_the_one_site_verdict_is_kept_per_pair_and_a_pickled_or_copied_guide_checks_again():
+    """The verdict lives on the guide for its model; torch.save and deepcopy
+    of a guide that has one work, and the copy checks its own pair."""
+    import copy
+    import io
+
+    model, guide = image_vae("standard_normal", "normal", "bernoulli")
+    x = image_batch("bernoulli")
+    guide_and_model_traces(model, guide, x, 2)
+    torch.save(guide, io.BytesIO())  # no weak reference in what is pickled
+    model_copy, guide_copy = copy.deepcopy(model), copy.deepcopy(guide)
+    assert guide_copy.__dict__.get("_keeps_one_latent_site") is None
+    noisy = NoisyModel(explicit=True)  # the same guide with another model: checked again, and not kept by the first's
+    _, model_trace = guide_and_model_traces(noisy, guide, x, 2)
+    assert [name for name, _ in sample_sites(model_trace)] == ["z", "noise", "x"]
+    _, model_trace = guide_and_model_traces(model_copy, guide_copy, x, 2)
+    assert [name for name, _ in sample_sites(model_trace)] == ["z", "x"]
+
+
 def test_train_direct_traces_reaches_the_model():
     for direct in (True, False):
         model, guide = image_vae("standard_normal", "normal", "bernoulli", direct=direct)
