@@ -19,7 +19,11 @@ These calls run the eager ``forward``:
 - every call, once capturing has failed: an objective or part whose traces
   are Pyro's (``trace_elbo`` and ``tracegraph_elbo`` run Pyro's ELBOs, a part
   with its own ``forward`` runs Pyro's handlers), or no C++ compiler for
-  Inductor.  One warning names the reason.
+  Inductor.  One warning names the reason.  (Other errors -- a bad batch,
+  out of memory -- are raised as they are.)
+
+Pyro's validation is on by default: outside the trainer, compiled calls
+need ``pyro.validation_enabled(False)``.
 
 Random draws inside the compiled graph come from Inductor's generator
 (seeded from torch's), so a compiled run's draws differ from an eager run's;
@@ -31,8 +35,12 @@ from __future__ import annotations
 import logging
 from typing import Any, Callable
 
+import pyro.distributions.util
+import pyro.poutine.util
 import torch
-from pyro.distributions.util import is_validation_enabled
+import torch._dynamo.config
+import torch._dynamo.exc
+import torch._functorch.config
 
 log = logging.getLogger("pyro_vae")
 
@@ -50,11 +58,16 @@ class CompiledObjective:
         return type(self.objective).forward(self.objective, *args, **kwargs)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        if self.compiled is None or not torch.is_grad_enabled() or is_validation_enabled():
+        if (self.compiled is None or not torch.is_grad_enabled() or pyro.distributions.util.is_validation_enabled()
+                or pyro.poutine.util.is_validation_enabled()):
             return self.eager(*args, **kwargs)
         try:
-            return self.compiled(*args, **kwargs)
-        except Exception as exc:  # noqa: BLE001 -- any capture or compiler failure falls back to eager
+            # the step counter (annealing, capacity schedules) a graph input, not a constant that
+            # recompiles each step; the backward compiled now, inside this fallback, not lazily
+            with torch._dynamo.config.patch(allow_unspec_int_on_nn_module=True), \
+                    torch._functorch.config.patch(force_non_lazy_backward_lowering=True):
+                return self.compiled(*args, **kwargs)
+        except torch._dynamo.exc.TorchDynamoException as exc:  # capture, recompile-limit or Inductor failures
             message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
             log.warning("torch.compile cannot compile objective %s whole (%s: %s); it runs uncompiled",
                         type(self.objective).__name__, type(exc).__name__, message)

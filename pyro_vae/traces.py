@@ -117,9 +117,10 @@ def keeps_one_latent_site(model: LatentVariableModel, guide: DistributionGuide, 
     alone (the guide's ``"z"``, the model's ``"z"`` and ``"x"``): a prior,
     likelihood or guide distribution that makes sites of its own (a
     ``PyroSample`` attribute, a ``pyro.sample`` inside ``observation``) must
-    be traced by Pyro.  Found once per pair, on the first two datapoints,
-    with the random number generators put back, and kept on the guide (a
-    plain attribute, which ``torch.compile`` reads without re-checking)."""
+    be traced by Pyro.  Found on the first two datapoints, with the random
+    number generators put back, and kept on the guide for its latest model
+    (a plain attribute, which ``torch.compile`` reads without re-checking;
+    a guide switched between models checks again at each switch)."""
     kept = guide.__dict__.get(_VERDICT)
     if kept is not None and kept.model() is model:
         return kept.keeps

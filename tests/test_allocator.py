@@ -54,9 +54,8 @@ def test_an_importance_sampling_pass_reuses_freed_memory():
 def test_the_environment_variable_leaves_the_allocator_alone(monkeypatch):
     monkeypatch.setenv(OPT_OUT, "0")
     assert keep_freed_memory() is False
-    changed, faults = faults_of_an_is_pass(**{OPT_OUT: "0"})
-    assert changed == "False"
-    assert faults > 5_000, faults  # what the first test saves
+    changed, _ = faults_of_an_is_pass(**{OPT_OUT: "0"})
+    assert changed == "False"  # (glibc's default then faults or not, by what the process freed before)
 
 
 def test_the_command_keeps_freed_memory(monkeypatch):

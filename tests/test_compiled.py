@@ -106,7 +106,7 @@ def test_an_objective_that_cannot_be_captured_whole_runs_eagerly(caplog):
 def test_a_compiler_failure_runs_eagerly(monkeypatch, caplog):
     def broken_compiler(fn, **kwargs):
         def fails(*args, **kw):
-            raise RuntimeError("InductorError: no C++ compiler\nmore detail")
+            raise torch._dynamo.exc.TorchDynamoException("InductorError: no C++ compiler\nmore detail")
         return fails
 
     monkeypatch.setattr(compiled.torch, "compile", broken_compiler)
@@ -117,9 +117,40 @@ def test_a_compiler_failure_runs_eagerly(monkeypatch, caplog):
     x = torch.bernoulli(torch.full((8, 1, 6, 6), 0.3))
     with caplog.at_level(logging.WARNING, logger="pyro_vae"):
         loss, _ = _loss_and_grads(objective, x)
-    assert ("torch.compile cannot compile objective MeanFieldELBO whole (RuntimeError: InductorError: no C++ "
-            "compiler); it runs uncompiled") in caplog.text
+    assert ("torch.compile cannot compile objective MeanFieldELBO whole (TorchDynamoException: InductorError: no "
+            "C++ compiler); it runs uncompiled") in caplog.text
     assert torch.equal(loss, _loss_and_grads(eager, x)[0])
+
+
+def test_an_error_of_the_objective_itself_is_raised_not_taken_for_a_compiler_failure(monkeypatch):
+    def raising_compiler(fn, **kwargs):
+        def fails(*args, **kw):
+            raise ValueError("a bad batch")
+        return fails
+
+    monkeypatch.setattr(compiled.torch, "compile", raising_compiler)
+    model, guide = _parts()
+    wrapper = compile_objective(_objective("meanfield_elbo", {}, model, guide))
+    with pyro.validation_enabled(False), pytest.raises(ValueError, match="a bad batch"):
+        wrapper.objective(torch.zeros(8, 1, 6, 6))
+    assert wrapper.compiled is not None
+
+
+def test_an_annealed_objective_stays_compiled_as_its_step_advances(eager_random_draws):
+    """The KL weight w(t) reads the training context's step: a graph input,
+    not a constant that recompiles each step (and after eight, gives up)."""
+    model, guide = _parts()
+    options = {"kl_annealing": "linear", "anneal_steps": 20}
+    objective = _objective("meanfield_elbo", options, model, guide)
+    eager = _objective("meanfield_elbo", options, copy.deepcopy(model), copy.deepcopy(guide))
+    wrapper = compile_objective(objective)
+    x = torch.bernoulli(torch.full((8, 1, 6, 6), 0.3))
+    for step in range(12):
+        objective.context.step = eager.context.step = step
+        loss, _ = _loss_and_grads(objective, x, seed=step)
+        assert torch.allclose(loss, _loss_and_grads(eager, x, seed=step)[0], rtol=1e-5), step
+        assert torch.allclose(objective.metrics["kl_weight"], eager.metrics["kl_weight"]), step
+    assert wrapper.compiled is not None
 
 
 def test_the_train_compile_switch_compiles_the_objective(tiny_raw, tmp_path):
