@@ -6,10 +6,10 @@ to at most 32 MiB) with a fresh ``mmap`` and unmaps it on ``free``, and it
 hands the top of the heap back to the kernel once more than
 ``M_TRIM_THRESHOLD`` of it is free.  Either way the next tensor of that size
 is page-faulted in again, each 4 KiB page zeroed by the kernel: on this
-project's CPU machine a K=1000 importance-sampling pass over 100 images in
-chunks of 100 samples took 150,000-230,000 minor faults, depending on which
-sizes the process had freed before, and ran up to 1.8x slower than without
-them (see the README's speed section).  :func:`keep_freed_memory` fixes the mmap
+project's CPU machine a K=1000 importance-sampling pass over 100 images
+took 100,000-340,000 minor faults in 5 of 6 fresh processes (which ones
+depends on what each had freed before) and ran up to 1.8x slower than
+without them (see the README's speed section).  :func:`keep_freed_memory` fixes the mmap
 threshold at its ceiling and turns trimming off, so freed blocks up to
 32 MiB stay in the heap for the next chunk or step.  The price: the process
 keeps its peak heap rather than shrinking after it (its peak is unchanged).

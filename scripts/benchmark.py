@@ -430,15 +430,20 @@ def _resident_mib(field: str) -> float:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def memory_case(device: str, num_samples: int) -> dict:
+def in_fresh_process(target, *args):
+    """``target(*args, queue)`` run in a spawned process; what it puts on the queue."""
     ctx = mp.get_context("spawn")
-    out = {}
-    for kind in ("pyro_vae", "handwritten_all_at_once"):
-        queue = ctx.Queue()
-        proc = ctx.Process(target=_peak_memory_child, args=(kind, device, num_samples, queue))
-        proc.start()
-        out[kind] = queue.get()
-        proc.join()
+    queue = ctx.Queue()
+    proc = ctx.Process(target=target, args=(*args, queue))
+    proc.start()
+    result = queue.get()
+    proc.join()
+    return result
+
+
+def memory_case(device: str, num_samples: int) -> dict:
+    out = {kind: in_fresh_process(_peak_memory_child, kind, device, num_samples)
+           for kind in ("pyro_vae", "handwritten_all_at_once")}
     return {"case": f"iw_eval peak memory growth (100 images, K={num_samples}, chunks {CHUNK})",
             "pyro_vae_MiB": round(out["pyro_vae"], 1),
             "handwritten_all_at_once_MiB": round(out["handwritten_all_at_once"], 1),
@@ -468,15 +473,10 @@ def allocator_case(device: str, num_samples: int, threads: int, repeats: int) ->
     (alternating): the IS evaluator's datapoints x samples / s and minor page
     faults, per process and their means.  Whether glibc's default returns the
     chunks' blocks to the kernel varies from process to process."""
-    ctx = mp.get_context("spawn")
     runs: dict[bool, list[tuple[int, int]]] = {True: [], False: []}
     for _ in range(2 * repeats):
         for keep in (True, False):
-            queue = ctx.Queue()
-            proc = ctx.Process(target=_is_pass_child, args=(keep, device, num_samples, threads, queue))
-            proc.start()
-            runs[keep].append(queue.get())
-            proc.join()
+            runs[keep].append(in_fresh_process(_is_pass_child, keep, device, num_samples, threads))
     out = {"case": f"IS throughput by allocator setting, datapoints x samples / s (100 images, K={num_samples}, "
                    f"fresh processes)"}
     for keep, name in ((True, "keep_freed_memory"), (False, "glibc_default")):
