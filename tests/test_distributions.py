@@ -44,6 +44,10 @@ def test_bernoulli_log_prob_matches_float64_on_extreme_logits(dim):
     assert bernoulli_log_prob(torch.tensor([[1e30, -1e30]]), torch.tensor([1.0, 0.0])).item() == 0.0
     assert bernoulli_log_prob(torch.tensor([[1e30, -1e30]]), torch.tensor([0.0, 0.0])).item() == -torch.tensor(1e30).item()
     assert torch.isnan(bernoulli_log_prob(torch.tensor([[math.nan, 0.0]]), torch.zeros(2))).all()
+    # a huge logit beside a small one, each pixel's terms combined before the sum: 0 + log sigmoid(-1)
+    # (two samples of the logits for one datapoint: the grouped path, not torch's fused kernel)
+    beside = bernoulli_log_prob(torch.tensor([[[1e30, 1.0]], [[1.0, 1e30]]]), torch.tensor([[1.0, 0.0]]))
+    assert beside[0].item() == pytest.approx(-math.log1p(math.e), rel=1e-6) and beside[1].item() == -torch.tensor(1e30).item()
 
 
 @pytest.mark.parametrize("logit_shape,value_shape", [((2, 6), (2, 6)), ((1, 2, 6), (2, 6)), ((3, 2, 6), (2, 6)),
