@@ -14,7 +14,9 @@ Cases, on Burda et al.'s MNIST architecture (784-200-200-50, tanh):
   Adam, the gradients checked for NaN before the update, the loss for
   divergence after; eager with the traces built directly, the same with
   ``train.direct_traces = false``, and with ``train.compile = true``) vs the same
-  math written by hand, with PyTorch's default Adam and with fused Adam.
+  math written by hand, with PyTorch's default Adam and with fused Adam; and
+  the ``trace_elbo`` step, eager and compiled, vs its estimator (the KL by
+  one sample) written by hand with PyTorch's default Adam.
 - ``pipeline``: training examples/s of whole pipelines (batches + steps):
   pyro-vae's trainer, a hand-written step on the same batches, the style of
   Pyro's VAE example (``DataLoader`` + ``SVI``), and pythae's ``BaseTrainer``
@@ -64,10 +66,10 @@ NESTING = 1  # plates of the Gaussian VAE: the data plate only
 CASES = ["train_step", "pipeline", "flop_limit", "iw_chunks", "iw_eval", "iw_throughput", "memory", "allocator"]
 
 
-def build(device: str, compile: bool = False, direct_traces: bool = True) -> Experiment:
-    config = load_config(CONFIG)
-    train = config.train.model_copy(update={"compile": compile, "direct_traces": direct_traces})
-    return Experiment.build(config.model_copy(update={"train": train}), torch.device(device))
+def build(device: str, compile: bool = False, direct_traces: bool = True, objective: str = "meanfield_elbo") -> Experiment:
+    config = load_config(CONFIG, [f"objective.name={objective}", f"train.compile={str(compile).lower()}",
+                                  f"train.direct_traces={str(direct_traces).lower()}"])
+    return Experiment.build(config, torch.device(device))
 
 
 def sync(device: str) -> None:
@@ -97,6 +99,20 @@ def handwritten_loss(encoder, decoder, x):
     log_lik = -F.binary_cross_entropy_with_logits(decoder(z), x, reduction="none").sum(-1)
     kl = (-torch.log(scale) + (scale**2 + loc**2 - 1) / 2).sum(-1)
     return (kl - log_lik).sum()
+
+
+def handwritten_monte_carlo_kl_loss(encoder, decoder, x):
+    """-ELBO with the KL by one sample, log q(z|x) - log p(z) at the drawn z
+    (the estimator of ``trace_elbo``), written directly in PyTorch; the
+    normal densities' constants cancel."""
+    x = x.reshape(x.shape[0], -1)
+    loc, raw = encoder(x).chunk(2, -1)
+    scale = F.softplus(raw) + 1e-4
+    eps = torch.randn_like(loc)
+    z = loc + scale * eps
+    log_lik = -F.binary_cross_entropy_with_logits(decoder(z), x, reduction="none").sum(-1)
+    log_q_over_p = (0.5 * (z**2 - eps**2) - torch.log(scale)).sum(-1)
+    return (log_q_over_p - log_lik).sum()
 
 
 def handwritten_log_weights(encoder, decoder, x, num_samples):
@@ -144,37 +160,47 @@ def train_step_case(device: str, repeats: int) -> dict:
     experiment = build(device)
     x = experiment.data["train"].batch(slice(0, 100))
     with tempfile.TemporaryDirectory() as unused:  # the trainer's step writes nothing there
-        trainer = Trainer(experiment, RunDir(unused))  # the trainer's own step: guarded, checked, summed
-        pyro_traced = Trainer(build(device, direct_traces=False), RunDir(unused))  # train.direct_traces = false
-        compiled = Trainer(build(device, compile=True), RunDir(unused))  # train.compile = true
-        for _ in range(3):
-            compiled.step(x)  # compiles (forward and backward) before the clock starts
+        trainers = {  # the trainer's own step: guarded, checked, summed
+            "pyro_vae_ms": Trainer(experiment, RunDir(unused)),
+            "pyro_vae_pyro_traces_ms": Trainer(build(device, direct_traces=False), RunDir(unused)),
+            "pyro_vae_compiled_ms": Trainer(build(device, compile=True), RunDir(unused)),
+            "pyro_vae_trace_elbo_ms": Trainer(build(device, objective="trace_elbo"), RunDir(unused)),
+            "pyro_vae_trace_elbo_compiled_ms": Trainer(build(device, compile=True, objective="trace_elbo"),
+                                                       RunDir(unused)),
+        }
+        for key in ("pyro_vae_compiled_ms", "pyro_vae_trace_elbo_compiled_ms"):
+            for _ in range(3):
+                trainers[key].step(x)  # compiles (forward and backward) before the clock starts
         encoder, decoder = copy.deepcopy(experiment.guide.encoder), copy.deepcopy(experiment.model.decoder)
         reference_params = [*encoder.parameters(), *decoder.parameters()]
-        reference_optimizers = {
-            "handwritten_torch_ms": torch.optim.Adam(reference_params, lr=1e-3),
-            "handwritten_torch_fused_adam_ms": torch.optim.Adam(reference_params, lr=1e-3, fused=True),
+        references = {  # (loss, optimizer)
+            "handwritten_torch_ms": (handwritten_loss, torch.optim.Adam(reference_params, lr=1e-3)),
+            "handwritten_torch_fused_adam_ms": (handwritten_loss,
+                                                torch.optim.Adam(reference_params, lr=1e-3, fused=True)),
+            "handwritten_monte_carlo_kl_ms": (handwritten_monte_carlo_kl_loss,
+                                              torch.optim.Adam(reference_params, lr=1e-3)),
         }
 
-        def reference_step(optimizer):
-            loss = handwritten_loss(encoder, decoder, x)
+        def reference_step(loss_fn, optimizer):
+            loss = loss_fn(encoder, decoder, x)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
 
-        times = {"pyro_vae_ms": [], "pyro_vae_pyro_traces_ms": [], "pyro_vae_compiled_ms": [],
-                 **{k: [] for k in reference_optimizers}}
+        times = {k: [] for k in [*trainers, *references]}
         for _ in range(repeats):  # interleaved, so drifts in machine load hit every variant
-            times["pyro_vae_ms"].append(median_ms(lambda: trainer.step(x), device, 1, 50))
-            times["pyro_vae_pyro_traces_ms"].append(median_ms(lambda: pyro_traced.step(x), device, 1, 50))
-            times["pyro_vae_compiled_ms"].append(median_ms(lambda: compiled.step(x), device, 1, 50))
-            for key, ref_optimizer in reference_optimizers.items():
-                times[key].append(median_ms(lambda opt=ref_optimizer: reference_step(opt), device, 1, 50))
+            for key, trainer in trainers.items():
+                times[key].append(median_ms(lambda: trainer.step(x), device, 1, 50))
+            for key, reference in references.items():
+                times[key].append(median_ms(lambda: reference_step(*reference), device, 1, 50))
         out = {"case": "train_step (batch 100)", **{k: round(statistics.median(v), 2) for k, v in times.items()}}
         out["speedup_vs_handwritten"] = round(out["handwritten_torch_ms"] / out["pyro_vae_ms"], 2)
         out["speedup_vs_handwritten_fused_adam"] = round(out["handwritten_torch_fused_adam_ms"] / out["pyro_vae_ms"], 2)
         out["compiled_speedup"] = round(out["pyro_vae_ms"] / out["pyro_vae_compiled_ms"], 2)
         out["direct_traces_speedup"] = round(out["pyro_vae_pyro_traces_ms"] / out["pyro_vae_ms"], 2)
+        for key in ("pyro_vae_trace_elbo_ms", "pyro_vae_trace_elbo_compiled_ms"):  # against the same estimator
+            out[f"speedup_{key[len('pyro_vae_'):-len('_ms')]}_vs_handwritten_monte_carlo_kl"] = round(
+                out["handwritten_monte_carlo_kl_ms"] / out[key], 2)
         return out
 
 

@@ -42,7 +42,7 @@ def eager_random_draws():
 
 
 @pytest.mark.parametrize("name, options", [("meanfield_elbo", {"num_particles": 2}), ("iwae", {"num_particles": 3}),
-                                           ("meanfield_elbo", {"free_bits": 0.5})])
+                                           ("meanfield_elbo", {"free_bits": 0.5}), ("trace_elbo", {})])
 def test_the_compiled_objective_gives_the_eager_loss_and_gradients(name, options, eager_random_draws):
     model, guide = _parts()
     objective = _objective(name, options, model, guide)
@@ -55,8 +55,8 @@ def test_the_compiled_objective_gives_the_eager_loss_and_gradients(name, options
         eager_loss, eager_grads = _loss_and_grads(eager, batch)
         assert wrapper.compiled is not None  # captured whole: it did not fall back
         assert torch.allclose(loss, eager_loss, rtol=1e-5)
-        for g, e in zip(grads, eager_grads):
-            assert torch.allclose(g, e, rtol=1e-4, atol=1e-6)
+        for g, e in zip(grads, eager_grads):  # to float32 rounding of the tensor's largest entry (IWAE's
+            assert torch.allclose(g, e, rtol=1e-4, atol=1e-5 * e.abs().max())  # weights amplify it in small ones)
         assert objective.metrics.keys() == eager.metrics.keys()
         for key in eager.metrics:
             assert torch.allclose(objective.metrics[key], eager.metrics[key], rtol=1e-5), key
@@ -87,16 +87,16 @@ def test_calls_without_gradients_or_under_validation_run_eagerly(monkeypatch):
 
 
 def test_an_objective_that_cannot_be_captured_whole_runs_eagerly(caplog):
-    """trace_elbo runs Pyro's Trace_ELBO, whose handlers TorchDynamo cannot
-    capture in one graph: one warning, then the eager loss."""
+    """tracegraph_elbo runs Pyro's TraceGraph_ELBO, whose handlers TorchDynamo
+    cannot capture in one graph: one warning, then the eager loss."""
     model, guide = _parts()
-    objective = _objective("trace_elbo", {}, model, guide)
-    eager = _objective("trace_elbo", {}, copy.deepcopy(model), copy.deepcopy(guide))
+    objective = _objective("tracegraph_elbo", {}, model, guide)
+    eager = _objective("tracegraph_elbo", {}, copy.deepcopy(model), copy.deepcopy(guide))
     wrapper = compile_objective(objective)
     x = torch.bernoulli(torch.full((8, 1, 6, 6), 0.3))
     with caplog.at_level(logging.WARNING, logger="pyro_vae"):
         loss, grads = _loss_and_grads(objective, x)
-    assert "torch.compile cannot compile objective TraceELBO whole" in caplog.text
+    assert "torch.compile cannot compile objective TraceGraphELBO whole" in caplog.text
     assert wrapper.compiled is None
     eager_loss, eager_grads = _loss_and_grads(eager, x)
     assert torch.equal(loss, eager_loss)
