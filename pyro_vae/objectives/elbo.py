@@ -48,20 +48,23 @@ class TraceELBO(Objective):
         (built directly where the parts allow, so the loss compiles)::
 
             f_kb = log p(x_b, z_kb) - log q(z_kb | x_b)
-            s_kb = log p(x_b, z_kb) - log q_rep(z_kb | x_b) + stop(f_kb) log q_score(z_kb | x_b)
-            loss = -(1/K) sum_kb f_kb - (1/K) sum_kb (s_kb - stop(s_kb))
+            s_kb = f_kb + (1 + stop(f_kb)) (log q_score(z_kb | x_b) - stop(log q_score(z_kb | x_b)))
+            loss = -(1/K) sum_kb s_kb
 
-        ``q_rep``: the guide's reparameterized sites (pathwise gradient);
-        ``q_score``: the others, whose ``-log q`` term (zero in expectation)
-        Pyro drops.  The value is ``-ELBO`` summed over the batch; the
-        gradient is Pyro's (tested against ``Trace_ELBO`` on the same draws)."""
+        ``q_score``: the guide's sites without ``rsample``.  ``s`` equals
+        ``f`` in value, so the loss is ``-ELBO`` summed over the batch; its
+        gradient is the pathwise gradient of ``f`` through the other sites,
+        without the ``-grad log q_score`` term (zero in expectation; Pyro
+        drops it), plus the score function ``stop(f_kb) grad log q_score``
+        with each datapoint's own signal: Pyro's (tested against
+        ``Trace_ELBO`` on the same draws)."""
         particles = draw_particles(self.model, self.guide, x, self.num_particles, self.nesting(x))
-        log_w = particles.log_weights()  # [K, B]
-        surrogate = (particles.log_likelihood() + particles.log_prior() - particles.log_guide(reparameterized=True)
-                     + score_term(log_w, particles.log_guide(reparameterized=False)))
-        elbo = log_w.detach().mean(0)  # [B]
-        loss = -elbo.sum() - (surrogate - surrogate.detach()).mean(0).sum()
-        return self.report(loss, x.shape[0], elbo=elbo)
+        surrogate = particles.log_weights()  # [K, B]
+        log_q_score = particles.log_guide(reparameterized=False)
+        if log_q_score.requires_grad:  # (a constant 0 when every site is reparameterized)
+            surrogate = surrogate + score_term(1 + surrogate, log_q_score)
+        elbo = surrogate.detach().mean(0)  # [B]
+        return self.report(-surrogate.mean(0).sum(), x.shape[0], elbo=elbo)
 
 
 class _TraceGraphSurrogate(TraceGraph_ELBO):
