@@ -90,27 +90,29 @@ def median_ms(fn, device: str, repeats: int, inner: int) -> float:
 
 
 # ---------------------------------------------------------------- references
-def handwritten_loss(encoder, decoder, x):
-    """-ELBO with analytic KL, written directly in PyTorch."""
-    x = x.reshape(x.shape[0], -1)
-    loc, raw = encoder(x).chunk(2, -1)
-    scale = F.softplus(raw) + 1e-4
-    z = loc + scale * torch.randn_like(loc)
-    log_lik = -F.binary_cross_entropy_with_logits(decoder(z), x, reduction="none").sum(-1)
-    kl = (-torch.log(scale) + (scale**2 + loc**2 - 1) / 2).sum(-1)
-    return (kl - log_lik).sum()
-
-
-def handwritten_monte_carlo_kl_loss(encoder, decoder, x):
-    """-ELBO with the KL by one sample, log q(z|x) - log p(z) at the drawn z
-    (the estimator of ``trace_elbo``), written directly in PyTorch; the
-    normal densities' constants cancel."""
+def handwritten_sample(encoder, decoder, x):
+    """One reparameterized draw z = loc + scale * eps, eps ~ N(0, I), and
+    log p(x | z), written directly in PyTorch: (loc, scale, eps, z, log_lik)."""
     x = x.reshape(x.shape[0], -1)
     loc, raw = encoder(x).chunk(2, -1)
     scale = F.softplus(raw) + 1e-4
     eps = torch.randn_like(loc)
     z = loc + scale * eps
     log_lik = -F.binary_cross_entropy_with_logits(decoder(z), x, reduction="none").sum(-1)
+    return loc, scale, eps, z, log_lik
+
+
+def handwritten_loss(encoder, decoder, x):
+    """-ELBO with analytic KL, written directly in PyTorch."""
+    loc, scale, _, _, log_lik = handwritten_sample(encoder, decoder, x)
+    kl = (-torch.log(scale) + (scale**2 + loc**2 - 1) / 2).sum(-1)
+    return (kl - log_lik).sum()
+
+
+def handwritten_monte_carlo_kl_loss(encoder, decoder, x):
+    """-ELBO with the KL by one sample, log q(z|x) - log p(z) at the drawn z
+    (the estimator of ``trace_elbo``); the normal densities' constants cancel."""
+    _, scale, eps, z, log_lik = handwritten_sample(encoder, decoder, x)
     log_q_over_p = (0.5 * (z**2 - eps**2) - torch.log(scale)).sum(-1)
     return (log_q_over_p - log_lik).sum()
 
