@@ -20,7 +20,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from pyro_vae.nn import mlp
+from pyro_vae.nn import Tanh, mlp
 
 
 class RunningMoments(nn.Module):
@@ -83,7 +83,7 @@ class NeuralBaseline(nn.Module):
         super().__init__()
         first = nn.LazyLinear(hidden[0] if hidden else 1)
         rest = mlp(hidden[0], hidden[1:], 1, "tanh") if hidden else nn.Identity()
-        self.net = nn.Sequential(first, nn.Tanh(), rest) if hidden else first
+        self.net = nn.Sequential(first, Tanh(), rest) if hidden else first
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x.reshape(x.shape[0], -1)).squeeze(-1)
