@@ -7,6 +7,8 @@ faster).  Peak memory is measured in fresh child processes that build only the m
 and guide: the growth of the peak resident set size during the evaluation on
 CPU (Linux ``/proc``), ``torch.cuda.max_memory_allocated`` on CUDA.
 
+The references run copies of the same networks with torch's ``nn.Tanh``
+(pyro-vae's :class:`~pyro_vae.nn.Tanh` takes a faster form on the CPU).
 Cases, on Burda et al.'s MNIST architecture (784-200-200-50, tanh):
 
 - ``train_step``: one Adam step on a batch of 100 with the mean-field ELBO,
@@ -56,6 +58,7 @@ from pyro_vae.allocator import keep_freed_memory
 from pyro_vae.config import load_config
 from pyro_vae.evaluate import chunked_log_weights, cpu_chunk_size, importance_log_likelihood
 from pyro_vae.experiment import Experiment, build_model_and_guide
+from pyro_vae.nn import Tanh
 from pyro_vae.rundir import RunDir
 from pyro_vae.train import Trainer
 
@@ -90,6 +93,23 @@ def median_ms(fn, device: str, repeats: int, inner: int) -> float:
 
 
 # ---------------------------------------------------------------- references
+def plain_torch_copy(net: torch.nn.Module) -> torch.nn.Module:
+    """A deep copy of ``net`` with torch's ``nn.Tanh`` for pyro-vae's
+    :class:`~pyro_vae.nn.Tanh` (its faster CPU form): the networks a VAE
+    written by hand, Pyro's example and pythae run."""
+    net = copy.deepcopy(net)
+    for module in net.modules():
+        for name, child in module.named_children():
+            if isinstance(child, Tanh):
+                setattr(module, name, torch.nn.Tanh())
+    return net
+
+
+def handwritten_networks(experiment: Experiment) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """The experiment's encoder and decoder as plain torch copies (:func:`plain_torch_copy`)."""
+    return plain_torch_copy(experiment.guide.encoder), plain_torch_copy(experiment.model.decoder)
+
+
 def handwritten_sample(encoder, decoder, x):
     """One reparameterized draw z = loc + scale * eps, eps ~ N(0, I), and
     log p(x | z), written directly in PyTorch: (loc, scale, eps, z, log_lik)."""
@@ -173,7 +193,7 @@ def train_step_case(device: str, repeats: int) -> dict:
         for key in ("pyro_vae_compiled_ms", "pyro_vae_trace_elbo_compiled_ms"):
             for _ in range(3):
                 trainers[key].step(x)  # compiles (forward and backward) before the clock starts
-        encoder, decoder = copy.deepcopy(experiment.guide.encoder), copy.deepcopy(experiment.model.decoder)
+        encoder, decoder = handwritten_networks(experiment)
         reference_params = [*encoder.parameters(), *decoder.parameters()]
         references = {  # (loss, optimizer)
             "handwritten_torch_ms": (handwritten_loss, torch.optim.Adam(reference_params, lr=1e-3)),
@@ -210,7 +230,7 @@ def iw_case(device: str, repeats: int, num_samples: int) -> dict:
     experiment = build(device)
     x = experiment.data["test"].batch(slice(0, 100))
     model, guide = experiment.model, experiment.guide
-    encoder, decoder = guide.encoder, model.decoder
+    encoder, decoder = handwritten_networks(experiment)
     with torch.no_grad():
         ours = median_ms(lambda: chunked_log_weights(model, guide, x, num_samples, CHUNK, NESTING), device, repeats, 1)
         at_once = median_ms(lambda: handwritten_log_weights(encoder, decoder, x, num_samples), device, repeats, 1)
@@ -226,7 +246,8 @@ def iw_case(device: str, repeats: int, num_samples: int) -> dict:
 
 def pipeline_case(device: str, steps: int) -> dict:
     """Training throughput of whole pipelines (data batches + steps), in
-    examples/s, on the same model: pyro-vae's trainer; the same data path
+    examples/s, on the same model: pyro-vae's trainer, eager and with
+    ``train.compile = true``; the same data path
     with a hand-written step; the style of Pyro's VAE example (a
     ``DataLoader`` over a ``TensorDataset``, ``SVI`` with ``pyro.optim.Adam``
     and ``Trace_ELBO``); and pythae's ``BaseTrainer`` (when installed)."""
@@ -246,18 +267,21 @@ def pipeline_case(device: str, steps: int) -> dict:
         sync(device)
         return round(steps * batch / (time.perf_counter() - start), 1)
 
+    generator = torch.Generator(device=split.device).manual_seed(0)
+    order = split.permutation(generator)
     with tempfile.TemporaryDirectory() as unused:
-        trainer = Trainer(experiment, RunDir(unused))
-        generator = torch.Generator(device=split.device).manual_seed(0)
-        order = split.permutation(generator)
+        for key, compile in (("pyro_vae", False), ("pyro_vae_compiled", True)):
+            trainer = Trainer(build(device, compile=compile), RunDir(unused))
+            for _ in range(3):
+                trainer.step(split.batch(order[:batch], generator))  # compiles before the clock starts
 
-        def ours():
-            for i in range(steps):
-                trainer.step(split.batch(order[i * batch:(i + 1) * batch], generator))
+            def ours():
+                for i in range(steps):
+                    trainer.step(split.batch(order[i * batch:(i + 1) * batch], generator))
 
-        out["pyro_vae"] = timed(ours)
+            out[key] = timed(ours)
 
-    encoder, decoder = copy.deepcopy(experiment.guide.encoder), copy.deepcopy(experiment.model.decoder)
+    encoder, decoder = handwritten_networks(experiment)
     optimizer = torch.optim.Adam([*encoder.parameters(), *decoder.parameters()], lr=1e-3)
 
     def handwritten():
@@ -272,8 +296,7 @@ def pipeline_case(device: str, steps: int) -> dict:
     pyro.clear_param_store()
     images = torch.bernoulli(split.pixels[: steps * batch].float() / 255).reshape(steps * batch, -1)
     loader = DataLoader(TensorDataset(images), batch_size=batch, shuffle=True)
-    model, guide = pyro_example_model_and_guide(copy.deepcopy(experiment.guide.encoder),
-                                                copy.deepcopy(experiment.model.decoder))
+    model, guide = pyro_example_model_and_guide(*handwritten_networks(experiment))
     svi = SVI(model, guide, pyro.optim.Adam({"lr": 1e-3}), loss=Trace_ELBO())
 
     def pyro_example():
@@ -285,6 +308,7 @@ def pipeline_case(device: str, steps: int) -> dict:
     for key in ("handwritten_torch", "pyro_example_svi", "pythae_trainer"):
         if out[key]:
             out[f"speedup_vs_{key}"] = round(out["pyro_vae"] / out[key], 2)
+            out[f"speedup_compiled_vs_{key}"] = round(out["pyro_vae_compiled"] / out[key], 2)
     return out
 
 
@@ -314,8 +338,8 @@ def _pythae_vae(experiment: Experiment):
 
     config = VAEConfig(input_dim=experiment.data.event_shape, latent_dim=experiment.config.model.options["latent_dim"],
                        reconstruction_loss="bce")
-    return VAE(config, encoder=Encoder(copy.deepcopy(experiment.guide.encoder)),
-               decoder=Decoder(copy.deepcopy(experiment.model.decoder)))
+    encoder, decoder = handwritten_networks(experiment)
+    return VAE(config, encoder=Encoder(encoder), decoder=Decoder(decoder))
 
 
 def pythae_training(experiment: Experiment, split, steps: int, batch: int, device: str):
@@ -420,9 +444,9 @@ def flop_limit_case(device: str, train_step: dict, pipeline: dict) -> dict:
     floor_ms = flops / (gflops * 1e9) * 1000
     out = {"case": "FLOP limit of the training step (batch 100)", "sgemm_gflops": round(gflops, 1),
            "step_matmul_gflop": round(flops / 1e9, 3), "floor_ms": round(floor_ms, 2)}
-    for key in ("pyro_vae_ms", "handwritten_torch_ms", "handwritten_torch_fused_adam_ms"):
+    for key in ("pyro_vae_ms", "pyro_vae_compiled_ms", "handwritten_torch_ms", "handwritten_torch_fused_adam_ms"):
         out[f"{key.removesuffix('_ms')}_x_floor"] = round(train_step[key] / floor_ms, 2)
-    for key in ("pyro_vae", "handwritten_torch", "pyro_example_svi", "pythae_trainer"):
+    for key in ("pyro_vae", "pyro_vae_compiled", "handwritten_torch", "pyro_example_svi", "pythae_trainer"):
         if pipeline.get(key):
             out[f"pipeline_{key}_x_floor"] = round(100 / pipeline[key] * 1000 / floor_ms, 2)
     return out
@@ -436,6 +460,7 @@ def _peak_memory_child(kind: str, device: str, num_samples: int, queue) -> None:
     model, guide = build_model_and_guide(load_config(CONFIG), {"event_shape": event_shape})
     model, guide = model.to(device), guide.to(device)
     x = torch.bernoulli(torch.full((100, *event_shape), 0.13, device=device))
+    encoder, decoder = plain_torch_copy(guide.encoder), plain_torch_copy(model.decoder)  # the hand-written's
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     else:
@@ -445,7 +470,7 @@ def _peak_memory_child(kind: str, device: str, num_samples: int, queue) -> None:
         if kind == "pyro_vae":
             chunked_log_weights(model, guide, x, num_samples, CHUNK, NESTING)
         else:
-            handwritten_log_weights(guide.encoder, model.decoder, x, num_samples)
+            handwritten_log_weights(encoder, decoder, x, num_samples)
     peak = torch.cuda.max_memory_allocated() / 2**20 if device == "cuda" else _resident_mib("VmHWM") - before
     queue.put(peak)
 
