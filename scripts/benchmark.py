@@ -50,6 +50,7 @@ import statistics
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -244,13 +245,15 @@ def iw_case(device: str, repeats: int, num_samples: int) -> dict:
             "mean_log_likelihood_pyro_vae": round(a.item(), 2), "mean_log_likelihood_handwritten": round(b.item(), 2)}
 
 
-def pipeline_case(device: str, steps: int) -> dict:
+def pipeline_case(device: str, steps: int, repeats: int) -> dict:
     """Training throughput of whole pipelines (data batches + steps), in
     examples/s, on the same model: pyro-vae's trainer, eager and with
-    ``train.compile = true``; the same data path
-    with a hand-written step; the style of Pyro's VAE example (a
-    ``DataLoader`` over a ``TensorDataset``, ``SVI`` with ``pyro.optim.Adam``
-    and ``Trace_ELBO``); and pythae's ``BaseTrainer`` (when installed)."""
+    ``train.compile = true``; the same data path with a hand-written step;
+    the style of Pyro's VAE example (a ``DataLoader`` over a
+    ``TensorDataset``, ``SVI`` with ``pyro.optim.Adam`` and ``Trace_ELBO``);
+    and pythae's ``BaseTrainer`` (when installed).  The pipelines take turns
+    for ``repeats`` rounds (each round ``steps`` steps of each); the median
+    round of each is reported."""
     import pyro
     from pyro.infer import SVI, Trace_ELBO
     from torch.utils.data import DataLoader, TensorDataset
@@ -258,40 +261,34 @@ def pipeline_case(device: str, steps: int) -> dict:
     experiment = build(device)
     split = experiment.data["train"]
     batch = 100
-    out = {"case": f"training pipeline, examples/s (batch {batch}, {steps} steps)"}
-
-    def timed(loop) -> float:
-        sync(device)
-        start = time.perf_counter()
-        loop()
-        sync(device)
-        return round(steps * batch / (time.perf_counter() - start), 1)
-
+    out = {"case": f"training pipeline, examples/s (batch {batch}, {steps} steps, median of {repeats} rounds)"}
     generator = torch.Generator(device=split.device).manual_seed(0)
     order = split.permutation(generator)
-    with tempfile.TemporaryDirectory() as unused:
-        for key, compile in (("pyro_vae", False), ("pyro_vae_compiled", True)):
-            trainer = Trainer(build(device, compile=compile), RunDir(unused))
-            for _ in range(3):
-                trainer.step(split.batch(order[:batch], generator))  # compiles before the clock starts
+    batches = [order[i * batch:(i + 1) * batch] for i in range(steps)]
 
-            def ours():
-                for i in range(steps):
-                    trainer.step(split.batch(order[i * batch:(i + 1) * batch], generator))
+    def timed(loop) -> Callable[[], float]:
+        def rate() -> float:
+            sync(device)
+            start = time.perf_counter()
+            loop()
+            sync(device)
+            return steps * batch / (time.perf_counter() - start)
+        return rate
 
-            out[key] = timed(ours)
+    def trainer_loop(trainer: Trainer) -> Callable[[], None]:
+        for _ in range(3):
+            trainer.step(split.batch(batches[0], generator))  # compiles before the clock starts
+        return lambda: [trainer.step(split.batch(index, generator)) for index in batches]
 
     encoder, decoder = handwritten_networks(experiment)
     optimizer = torch.optim.Adam([*encoder.parameters(), *decoder.parameters()], lr=1e-3)
 
     def handwritten():
-        for i in range(steps):
-            loss = handwritten_loss(encoder, decoder, split.batch(order[i * batch:(i + 1) * batch], generator))
+        for index in batches:
+            loss = handwritten_loss(encoder, decoder, split.batch(index, generator))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-
-    out["handwritten_torch"] = timed(handwritten)
 
     pyro.clear_param_store()
     images = torch.bernoulli(split.pixels[: steps * batch].float() / 255).reshape(steps * batch, -1)
@@ -303,10 +300,22 @@ def pipeline_case(device: str, steps: int) -> dict:
         for (x,) in loader:
             svi.step(x)
 
-    out["pyro_example_svi"] = timed(pyro_example)
-    out["pythae_trainer"] = pythae_training(experiment, split, steps, batch, device)
+    with tempfile.TemporaryDirectory() as unused:
+        pipelines = {
+            "pyro_vae": timed(trainer_loop(Trainer(build(device), RunDir(unused)))),
+            "pyro_vae_compiled": timed(trainer_loop(Trainer(build(device, compile=True), RunDir(unused)))),
+            "handwritten_torch": timed(handwritten),
+            "pyro_example_svi": timed(pyro_example),
+        }
+        if pythae_installed():
+            pipelines["pythae_trainer"] = lambda: pythae_training(experiment, split, steps, batch, device)
+        rates = {key: [] for key in pipelines}
+        for _ in range(repeats):  # in turns, so drifts in machine load hit every pipeline
+            for key, rate in pipelines.items():
+                rates[key].append(rate())
+    out.update({key: round(statistics.median(r), 1) for key, r in rates.items()})
     for key in ("handwritten_torch", "pyro_example_svi", "pythae_trainer"):
-        if out[key]:
+        if key in out:
             out[f"speedup_vs_{key}"] = round(out["pyro_vae"] / out[key], 2)
             out[f"speedup_compiled_vs_{key}"] = round(out["pyro_vae_compiled"] / out[key], 2)
     return out
@@ -342,15 +351,21 @@ def _pythae_vae(experiment: Experiment):
     return VAE(config, encoder=Encoder(encoder), decoder=Decoder(decoder))
 
 
-def pythae_training(experiment: Experiment, split, steps: int, batch: int, device: str):
-    """examples/s of pythae's ``BaseTrainer`` for one epoch over ``steps * batch``
-    images, or ``None`` with a message when pythae is not installed."""
+def pythae_installed() -> bool:
+    """Whether pythae (the ``benchmark`` extra) is installed; a message when not."""
     try:
-        from pythae.data.datasets import BaseDataset
-        from pythae.trainers import BaseTrainer, BaseTrainerConfig
+        import pythae  # noqa: F401
     except ImportError:
         print("pythae is not installed (pip install 'pyro-vae[benchmark]'): its rows are skipped")
-        return None
+        return False
+    return True
+
+
+def pythae_training(experiment: Experiment, split, steps: int, batch: int, device: str) -> float:
+    """examples/s of pythae's ``BaseTrainer`` for one epoch over ``steps * batch`` images."""
+    from pythae.data.datasets import BaseDataset
+    from pythae.trainers import BaseTrainer, BaseTrainerConfig
+
     pixels = torch.bernoulli(split.pixels[: steps * batch].float().cpu() / 255)
     images = BaseDataset(pixels, torch.zeros(len(pixels)))
     with tempfile.TemporaryDirectory() as out_dir:
@@ -359,7 +374,7 @@ def pythae_training(experiment: Experiment, split, steps: int, batch: int, devic
         trainer = BaseTrainer(_pythae_vae(experiment), train_dataset=images, training_config=config)
         start = time.perf_counter()
         trainer.train()
-        return round(steps * batch / (time.perf_counter() - start), 1)
+        return steps * batch / (time.perf_counter() - start)
 
 
 def iw_throughput_case(device: str, num_samples: int, images: int) -> dict:
@@ -377,11 +392,9 @@ def iw_throughput_case(device: str, num_samples: int, images: int) -> dict:
         sync(device)
         out["pyro_vae"] = round(images * num_samples / (time.perf_counter() - start))
         out["nll_pyro_vae"] = round(-ours.item(), 2)
-        try:
-            vae = _pythae_vae(experiment).to(device).eval()
-        except ImportError:
-            print("pythae is not installed (pip install 'pyro-vae[benchmark]'): its rows are skipped")
+        if not pythae_installed():
             return out
+        vae = _pythae_vae(experiment).to(device).eval()
         start = time.perf_counter()
         nll = -vae.get_nll(x, n_samples=num_samples, batch_size=PYTHAE_SAMPLE_BATCH)
         sync(device)
@@ -552,7 +565,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     step = train_step_case(args.device, args.repeats) if {"train_step", "flop_limit"} & set(args.cases) else None
-    pipeline = pipeline_case(args.device, args.pipeline_steps) if {"pipeline", "flop_limit"} & set(args.cases) else None
+    pipeline = pipeline_case(args.device, args.pipeline_steps, args.repeats) if {"pipeline", "flop_limit"} & set(args.cases) else None
     cases = {
         "train_step": lambda: step,
         "pipeline": lambda: pipeline,
