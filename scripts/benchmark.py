@@ -278,7 +278,11 @@ def pipeline_case(device: str, steps: int, repeats: int) -> dict:
     def trainer_loop(trainer: Trainer) -> Callable[[], None]:
         for _ in range(3):
             trainer.step(split.batch(batches[0], generator))  # compiles before the clock starts
-        return lambda: [trainer.step(split.batch(index, generator)) for index in batches]
+
+        def loop() -> None:
+            for index in batches:
+                trainer.step(split.batch(index, generator))
+        return loop
 
     encoder, decoder = handwritten_networks(experiment)
     optimizer = torch.optim.Adam([*encoder.parameters(), *decoder.parameters()], lr=1e-3)
@@ -565,7 +569,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     step = train_step_case(args.device, args.repeats) if {"train_step", "flop_limit"} & set(args.cases) else None
-    pipeline = pipeline_case(args.device, args.pipeline_steps, args.repeats) if {"pipeline", "flop_limit"} & set(args.cases) else None
+    pipeline = (pipeline_case(args.device, args.pipeline_steps, args.repeats)
+                if {"pipeline", "flop_limit"} & set(args.cases) else None)
     cases = {
         "train_step": lambda: step,
         "pipeline": lambda: pipeline,
