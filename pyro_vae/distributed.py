@@ -22,6 +22,8 @@ from typing import Sequence
 import torch
 import torch.distributed as dist
 
+from pyro_vae.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class Ranks:
@@ -58,15 +60,23 @@ class Ranks:
             dist.barrier()
 
 
-def init_ranks() -> Ranks:
+def init_ranks(device: torch.device) -> Ranks:
     """Join the process group that ``torchrun`` set up (``WORLD_SIZE`` > 1 in
-    the environment), on NCCL with this rank's GPU where CUDA is present, else
-    gloo; a plain run is a world of one."""
+    the environment) for training on ``device``: NCCL on this rank's GPU
+    (``LOCAL_RANK``) when it is a CUDA device, gloo when it is the CPU -- also
+    on a machine that has GPUs but trains on its CPUs; a plain run is a world
+    of one."""
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size <= 1:
         return Ranks()
     if not dist.is_initialized():
-        if torch.cuda.is_available():
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        if device.type == "cuda":
+            local_rank, visible = int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count()
+            if local_rank >= visible:
+                raise ConfigError(
+                    f"train.device = {device.type!r} with {os.environ.get('LOCAL_WORLD_SIZE', '?')} processes on "
+                    f"this node, but it has {visible} CUDA device(s) and NCCL needs one per process: start "
+                    f"torchrun with --nproc_per_node {visible} or fewer, or train on the CPUs with train.device = 'cpu'")
+            torch.cuda.set_device(local_rank)
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
     return Ranks(dist.get_rank(), dist.get_world_size())

@@ -39,7 +39,7 @@ from pyro_vae.divergence import DivergenceMonitor, GuardedOptimizer, locate_non_
 from pyro_vae.errors import CheckpointError, ConfigError, TrainingDivergedError, TrainingInterrupted
 from pyro_vae.evaluate import Evaluation, evaluate, mean_elbo
 from pyro_vae.ex_post import ex_post_prior, fit_ex_post_prior
-from pyro_vae.experiment import Experiment
+from pyro_vae.experiment import Experiment, resolve_device
 from pyro_vae.interrupt import StopRequests
 from pyro_vae.objectives import Objective, TrainingContext
 from pyro_vae.aggregate import single_factorised_latent
@@ -521,8 +521,9 @@ def train_and_evaluate(config: ExperimentConfig, run_dir: str | Path, overwrite:
     ``report.json``.  The config, data and device are checked before
     anything is written.  Returns the report."""
     run = RunDir(run_dir)
-    ranks = init_ranks()
-    experiment = Experiment.build(config)
+    device = resolve_device(config.train.device)
+    ranks = init_ranks(device)
+    experiment = Experiment.build(config, device)
     tensorboard = check_tensorboard(config.train.tensorboard)
     state = run.resume_state(config, overwrite=overwrite and ranks.is_main, from_previous=from_previous,
                              map_location=experiment.device)

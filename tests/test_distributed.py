@@ -80,3 +80,33 @@ def test_a_nan_on_one_rank_stops_every_rank(tmp_path):
     assert ddp.returncode != 0
     rank0 = next((tmp_path / "logs").rglob("0/stderr.log")).read_text()  # rank 0's loss was finite
     assert "pyro-vae: error: the loss or its gradient became NaN or infinite" in rank0 and "at epoch 1, step 3" in rank0
+
+
+def test_the_backend_follows_the_training_device_not_the_machine(monkeypatch):
+    """gloo for a run on the CPUs, also where GPUs are present; NCCL on this
+    rank's GPU (``LOCAL_RANK``) for a CUDA run; more ranks on a node than
+    GPUs is refused, naming the fix."""
+    import torch.distributed as dist
+
+    from pyro_vae.distributed import init_ranks
+    from pyro_vae.errors import ConfigError
+
+    calls = []
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    monkeypatch.setattr(dist, "init_process_group", calls.append)
+    monkeypatch.setattr(dist, "get_rank", lambda: 1)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "set_device", calls.append)
+    ranks = init_ranks(torch.device("cpu"))
+    assert calls == ["gloo"] and (ranks.rank, ranks.world_size) == (1, 2)
+    calls.clear()
+    init_ranks(torch.device("cuda"))
+    assert calls == [1, "nccl"]
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(ConfigError, match=r"it has 1 CUDA device\(s\) and NCCL needs one per process: start torchrun "
+                                          r"with --nproc_per_node 1 or fewer, or train on the CPUs"):
+        init_ranks(torch.device("cuda"))
