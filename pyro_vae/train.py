@@ -318,7 +318,7 @@ class Trainer:
             self.resume_rng = None
         elif self.resume_rng is not None:  # mid-epoch: continue the interrupted random streams
             set_rng_state(self.resume_rng["rng"])
-            self.generator.set_state(self.resume_rng["generator"])
+            self.generator.set_state(self.resume_rng["generator"].cpu())  # (moved with a checkpoint loaded onto CUDA)
             self.resume_rng = None
         else:
             pyro.set_rng_seed(epoch_seed(cfg.seed, epoch))

@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import requires_cuda
 from pyro_vae import registry
 from pyro_vae.config import config_from_dict
 from pyro_vae.errors import ConfigError
@@ -54,7 +55,16 @@ def test_the_catalogue_is_what_this_test_covers(tiny_raw):
 @pytest.mark.parametrize("likelihood", ["bernoulli", "continuous_bernoulli", "gaussian"])
 @pytest.mark.parametrize("guide", list(GUIDE_OPTIONS))
 @pytest.mark.parametrize("prior", list(SMALL))
-def test_every_combination_trains_and_evaluates_or_is_refused(prior, guide, likelihood, tiny_raw):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=requires_cuda)])
+def test_every_combination_trains_and_evaluates_or_is_refused(device, prior, guide, likelihood, tiny_raw):
+    tiny_raw["train"]["device"] = device
+    step_and_evaluate_or_refuse(prior, guide, likelihood, tiny_raw)
+
+
+def step_and_evaluate_or_refuse(prior: str, guide: str, likelihood: str, tiny_raw: dict) -> None:
+    """One training step and an IS evaluation of ``prior`` x ``guide`` x
+    ``likelihood`` on ``tiny_raw``'s device, with finite numbers and
+    ELBO <= log-likelihood; or the refusal :func:`refusal` names."""
     tiny_raw["prior"] = {"name": prior, **SMALL[prior]}
     tiny_raw["guide"] = {"name": guide, "hidden": [16], **GUIDE_OPTIONS[guide]}
     tiny_raw["model"] = {"name": "mlp", "latent_dim": 4, "hidden": [16], "likelihood": likelihood}
@@ -69,6 +79,7 @@ def test_every_combination_trains_and_evaluates_or_is_refused(prior, guide, like
         tiny_raw["eval"] = {"iw_samples": 0}
     experiment = Experiment.build(config_from_dict(tiny_raw))
     objective = experiment.objective
+    assert all(p.device.type == tiny_raw["train"]["device"] for p in objective.parameters())
     optimizer = torch.optim.Adam(objective.parameters(), lr=1e-3)
     loss = objective.step(experiment.data["train"].batch(slice(0, 20)), optimizer)
     assert math.isfinite(loss.item())

@@ -7,20 +7,21 @@ import pyro
 import pytest
 import torch
 
+from conftest import requires_cuda
 from pyro_vae import compiled, registry
 from pyro_vae.compiled import CompiledObjective, compile_objective
 
 
-def _parts():
+def _parts(device="cpu"):
     prior = registry.PRIORS.build("standard_normal", {}, latent_dim=4)
     model = registry.MODELS.build("mlp", {"latent_dim": 4, "hidden": [16, 16]}, prior=prior, event_shape=(1, 6, 6))
     guide = registry.GUIDES.build("normal", {"hidden": [16]}, event_shape=(1, 6, 6), latent_dim=4)
-    return model, guide
+    return model.to(device), guide.to(device)
 
 
-def _objective(name, options, model, guide):
+def _objective(name, options, model, guide, device="cpu"):
     objective = registry.OBJECTIVES.build(name, options)(model, guide)
-    objective.prepare(torch.zeros(2, 1, 6, 6))  # the trainer's first-use work, eager and without gradients
+    objective.prepare(torch.zeros(2, 1, 6, 6, device=device))  # the trainer's first-use work, eager and without gradients
     return objective
 
 
@@ -35,15 +36,17 @@ def _loss_and_grads(objective, x, seed=3):
 
 @pytest.mark.parametrize("name, options", [("meanfield_elbo", {"num_particles": 2}), ("iwae", {"num_particles": 3}),
                                            ("meanfield_elbo", {"free_bits": 0.5}), ("trace_elbo", {})])
-def test_the_compiled_objective_gives_the_eager_loss_and_gradients(name, options):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=requires_cuda)])
+def test_the_compiled_objective_gives_the_eager_loss_and_gradients(device, name, options):
     """From the same generator state the compiled forward draws the eager
-    draws (torch's generator, not Inductor's), so loss and gradients agree."""
-    model, guide = _parts()
-    objective = _objective(name, options, model, guide)
-    eager = _objective(name, options, copy.deepcopy(model), copy.deepcopy(guide))
+    draws (torch's generator, not Inductor's), so loss and gradients agree,
+    on the CPU (C++ kernels) and on CUDA (Triton kernels)."""
+    model, guide = _parts(device)
+    objective = _objective(name, options, model, guide, device)
+    eager = _objective(name, options, copy.deepcopy(model), copy.deepcopy(guide), device)
     wrapper = compile_objective(objective)
     assert objective.state_dict().keys() == eager.state_dict().keys()  # checkpoints unchanged
-    x = torch.bernoulli(torch.full((8, 1, 6, 6), 0.3))
+    x = torch.bernoulli(torch.full((8, 1, 6, 6), 0.3, device=device))
     for batch in (x, x[:5]):  # a second shape recompiles
         loss, grads = _loss_and_grads(objective, batch)
         eager_loss, eager_grads = _loss_and_grads(eager, batch)

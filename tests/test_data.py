@@ -14,7 +14,8 @@ from pyro_vae.errors import DataError
 def write_idx(path, array, compress):
     header = struct.pack(">BBBB", 0, 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}i", *array.shape)
     data = header + array.astype(np.uint8).tobytes()
-    (gzip.open if compress else open)(path, "wb").write(data)
+    with (gzip.open if compress else open)(path, "wb") as f:  # closed here: Python 3.12's GzipFile buffers
+        f.write(data)
 
 
 @pytest.fixture

@@ -6,6 +6,7 @@ import pyro
 import pytest
 import torch
 
+from conftest import requires_cuda
 from linear_gaussian import LinearGaussianModel
 from pyro_vae.aggregate import aggregate_log_densities, mss_log_weights, mws_log_weights, \
     pairwise_log_density
@@ -254,7 +255,8 @@ def test_shapes_dataset_splits_and_cache(tmp_path, monkeypatch):
     assert torch.equal(cached["train"].pixels, data["train"].pixels)
 
 
-def test_train_and_evaluate_decompose_on_the_shapes_from_the_command_line(tmp_path, capsys, monkeypatch):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=requires_cuda)])
+def test_train_and_evaluate_decompose_on_the_shapes_from_the_command_line(device, tmp_path, capsys, monkeypatch):
     import json
 
     import tomli_w
@@ -265,12 +267,13 @@ def test_train_and_evaluate_decompose_on_the_shapes_from_the_command_line(tmp_pa
     config = {"data": {"name": "shapes", "orientations": 2, "positions": 4},
               "model": {"name": "mlp", "latent_dim": 4, "hidden": [32]}, "prior": {"name": "standard_normal"},
               "guide": {"name": "normal", "hidden": [32]}, "objective": {"name": "beta_tc", "beta": 6.0},
-              "train": {"epochs": 2, "batch_size": 50, "device": "cpu"},
+              "train": {"epochs": 2, "batch_size": 50, "device": device},
               "eval": {"iw_samples": 10, "decompose": True}}
     (tmp_path / "shapes.toml").write_text(tomli_w.dumps(config))
     run = tmp_path / "run"
     assert main(["train", str(tmp_path / "shapes.toml"), "--run-dir", str(run), "--quiet"]) == 0
     report = json.loads((run / "report.json").read_text())
+    assert report["device"].startswith(device)
     parts = report["eval"]["decomposition"]
     assert {"reconstruction", "mutual_information", "total_correlation", "dimensionwise_kl", "kl", "elbo",
             "active_units"} <= set(parts)

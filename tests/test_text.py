@@ -8,6 +8,7 @@ import pyro.poutine as poutine
 import pytest
 import torch
 
+from conftest import requires_cuda
 from pyro_vae import registry
 from pyro_vae.config import config_from_dict
 from pyro_vae.data.text import EOS, PAD, UNK, TextDataset, Vocabulary
@@ -135,7 +136,8 @@ def test_a_part_of_another_modality_is_refused_naming_what_it_needs(tiny_raw):
         Experiment.build(config_from_dict(tiny_raw))
 
 
-def test_the_ptb_config_trains_a_step_and_evaluates(tmp_path):
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=requires_cuda)])
+def test_the_ptb_config_trains_a_step_and_evaluates(device, tmp_path):
     """configs/ptb_sentence.toml on 300 PTB sentences, small widths: one
     epoch, an evaluation with perplexity, and sentences.txt."""
     from pyro_vae.config import load_config
@@ -143,8 +145,9 @@ def test_the_ptb_config_trains_a_step_and_evaluates(tmp_path):
 
     config = load_config("configs/ptb_sentence.toml", [
         "data.limit=300", "model.hidden=32", "model.embedding=16", "guide.hidden=32", "guide.embedding=16",
-        "train.epochs=1", "eval.iw_samples=10", "eval.limit=20", "train.device=cpu"])
+        "train.epochs=1", "eval.iw_samples=10", "eval.limit=20", f"train.device={device}"])
     report = train_and_evaluate(config, tmp_path / "run", progress=False)
+    assert report["device"].startswith(device)
     ev = report["eval"]
     assert ev["perplexity"] == pytest.approx(math.exp(ev["iw_nll"] * ev["num_datapoints"] / ev["words"]), rel=1e-6)
     assert math.isfinite(ev["perplexity"]) and ev["perplexity"] > 1
