@@ -23,7 +23,6 @@ placed left of every plate the model uses, so memory is bounded by
 """
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Iterable, Literal, Union
 
@@ -32,6 +31,7 @@ import pyro
 import torch
 from tqdm.auto import tqdm
 
+from pyro_vae.psis import pareto_khat
 from pyro_vae.traces import (
     guide_and_model_traces,
     latent_sites,
@@ -112,17 +112,12 @@ PSIS_MIN_SAMPLES = 25  # arviz fits the Pareto tail to ceil(min(K/5, 3 sqrt K)) 
 
 def psis_khat(log_w: torch.Tensor) -> np.ndarray:
     """Pareto-smoothed importance-sampling shape estimate k-hat per datapoint
-    (arviz :func:`~arviz.psislw`; ``log_w``: ``[K, B]`` -> ``[B]``).  Undefined
-    (NaN) below :data:`PSIS_MIN_SAMPLES` samples, too few to fit a tail."""
+    (arviz's :func:`~arviz.psislw` estimate, for a batch at once:
+    :func:`pyro_vae.psis.pareto_khat`; ``log_w``: ``[K, B]`` -> ``[B]``).
+    Undefined (NaN) below :data:`PSIS_MIN_SAMPLES` samples, too few to fit a tail."""
     if log_w.shape[0] < PSIS_MIN_SAMPLES:
         return np.full(log_w.shape[1], np.nan)
-    with warnings.catch_warnings():
-        # arviz warns on import (its refactor notice) and on few samples / large k; we report k itself
-        warnings.simplefilter("ignore")
-        import arviz
-
-        _, khat = arviz.psislw(log_w.T.double().cpu().numpy())
-    return np.asarray(khat, dtype=np.float64)
+    return pareto_khat(log_w)
 
 
 def kl_per_dimension(model: Callable, guide: Callable, x: torch.Tensor) -> dict[str, torch.Tensor]:

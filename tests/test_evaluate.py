@@ -4,6 +4,7 @@ import math
 import pyro
 import pyro.distributions as dist
 import pytest
+import numpy as np
 import torch
 from pyro.poutine.messenger import Messenger
 
@@ -183,3 +184,29 @@ def test_nested_plates_are_summed_per_datapoint():
                                     torch.eye(4, dtype=torch.float64) + 1).log_prob(x)
     assert result.log_likelihood == pytest.approx(exact.numpy(), abs=0.05)
     assert math.isfinite(result.summary()["iw_nll"])
+
+
+def test_batched_khat_is_arviz_psislw_to_float64_rounding():
+    """pyro_vae.psis.pareto_khat against arviz.psislw, row by row, on weights
+    light- and heavy-tailed, from K=25 (the smallest tail arviz fits) to
+    5000; rows with ties at the cutoff, all weights equal, or weights under
+    the smallest double (arviz's own path) included."""
+    from pyro_vae.psis import _arviz_khat, pareto_khat, tail_size
+
+    torch.manual_seed(0)
+    for num_samples in (25, 26, 100, 999, 5000):
+        log_w = torch.cat([torch.randn(num_samples, 8) * s for s in (0.1, 1.0, 3.0, 10.0)]
+                          + [torch.distributions.StudentT(1.5).sample((num_samples, 8)),
+                             torch.distributions.Gumbel(0.0, 2.0).sample((num_samples, 8))], 1)
+        log_w[:, 0] = 1.0  # all equal: no tail above the cutoff
+        log_w[:3, 1] = log_w[:, 1].max() + 1  # ties among the largest
+        log_w[1:, 2] = -800.0  # one weight, the rest under exp's range
+        largest = log_w[:, 3].argsort(descending=True)
+        m_tail = tail_size(num_samples)
+        log_w[largest[m_tail], 3] = log_w[largest[m_tail - 1], 3]  # the M-th and (M+1)-th largest tie: M - 1 above
+        ours, reference = pareto_khat(log_w), _arviz_khat(log_w.T.double().numpy())
+        assert ours.shape == (48,)
+        assert np.array_equal(np.isfinite(ours), np.isfinite(reference))
+        assert np.isfinite(reference).sum() >= 40  # the comparison below is not vacuous
+        finite = np.isfinite(reference)
+        assert np.abs(ours[finite] - reference[finite]).max() < 1e-12 * max(1.0, np.abs(reference[finite]).max())
