@@ -27,12 +27,14 @@ def sigmoid_tanh(a: torch.Tensor) -> torch.Tensor:
 
 
 class SigmoidTanh(torch.autograd.Function):
-    """:func:`sigmoid_tanh` with the gradient ``g (1 - tanh(a)^2)`` from the
+    """``2 sigmoid(2a) - 1`` with the gradient ``g (1 - tanh(a)^2)`` from the
     output (torch's ``tanh_backward``, differentiable in turn)."""
 
     @staticmethod
     def forward(a: torch.Tensor) -> torch.Tensor:
-        return sigmoid_tanh(a)
+        # out of place: Inductor fuses it into one kernel all the same, and torch 2.11's saved the
+        # in-place chain's output wrongly (a zero gradient, seen on the GPU machine's torch)
+        return 2 * torch.sigmoid(2 * a) - 1
 
     @staticmethod
     def setup_context(ctx, inputs, output) -> None:
