@@ -18,8 +18,10 @@ These calls run the eager ``forward``:
   step): the distributions' argument checks cannot be traced;
 - every call, once capturing has failed: an objective or part whose traces
   are Pyro's (``trace_elbo`` and ``tracegraph_elbo`` run Pyro's ELBOs, a part
-  with its own ``forward`` runs Pyro's handlers), or no C++ compiler for
-  Inductor.  One warning names the reason.  (Other errors -- a bad batch,
+  with its own ``forward`` runs Pyro's handlers), no C++ compiler for
+  Inductor, or a torch whose Dynamo cannot trace ``object.__new__``, which
+  ``torch.distributions``' ``expand`` calls (2.11 cannot; 2.14 can).  One
+  warning names the reason.  (Other errors -- a bad batch,
   out of memory -- are raised as they are.)
 
 Pyro's validation is on by default: outside the trainer, compiled calls
