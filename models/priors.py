@@ -29,6 +29,15 @@ from pyro_vae.nn import PartModule
 from pyro_vae.registry import PRIORS
 
 
+def diagonal_normal(loc: torch.Tensor, scale: torch.Tensor, batch_size: int) -> dist.TorchDistribution:
+    """``N(loc, diag scale^2)`` for each of ``batch_size`` datapoints (batch
+    ``[batch_size]``, event ``[D]``): the parameters expanded, as
+    ``Normal.expand`` would, without a distribution's ``expand``, which
+    TorchDynamo before torch 2.14 cannot trace (``train.compile``)."""
+    shape = (batch_size, loc.shape[-1])
+    return dist.Normal(loc.expand(shape), scale.expand(shape)).to_event(1)
+
+
 @PRIORS.register("standard_normal")
 class StandardNormalPrior(PartModule):
     """Isotropic Gaussian p(z) = N(0, I)."""
@@ -40,7 +49,7 @@ class StandardNormalPrior(PartModule):
         self.register_buffer("scale", torch.ones(latent_dim))
 
     def forward(self, batch_size: int) -> dist.TorchDistribution:
-        return dist.Normal(self.loc, self.scale).expand([batch_size, self.loc.shape[-1]]).to_event(1)
+        return diagonal_normal(self.loc, self.scale, batch_size)
 
 
 @PRIORS.register("learned_normal")
@@ -53,7 +62,7 @@ class LearnedNormalPrior(PartModule):
         self.raw_scale = torch.nn.Parameter(torch.full((latent_dim,), _SOFTPLUS_INVERSE_OF_1))
 
     def forward(self, batch_size: int) -> dist.TorchDistribution:
-        return dist.Normal(self.loc, softplus(self.raw_scale)).expand([batch_size, self.loc.shape[-1]]).to_event(1)
+        return diagonal_normal(self.loc, softplus(self.raw_scale), batch_size)
 
 
 _SOFTPLUS_INVERSE_OF_1 = 0.5413248546129181  # log(e - 1)
@@ -195,7 +204,7 @@ class GaussianMixtureExPostPrior(PartModule):
 
     def forward(self, batch_size: int) -> dist.TorchDistribution:
         if not self.fitted:
-            return dist.Normal(self.loc, self.scale).expand([batch_size, self.loc.shape[-1]]).to_event(1)
+            return diagonal_normal(self.loc, self.scale, batch_size)
         components = dist.MultivariateNormal(self.mixture_means, scale_tril=self.mixture_scale_tril)
         return dist.MixtureSameFamily(dist.Categorical(probs=self.mixture_weights), components).expand([batch_size])
 

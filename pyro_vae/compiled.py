@@ -19,8 +19,9 @@ These calls run the eager ``forward``:
 - every call, once capturing has failed: an objective or part whose traces
   are Pyro's (``trace_elbo`` and ``tracegraph_elbo`` run Pyro's ELBOs, a part
   with its own ``forward`` runs Pyro's handlers), no C++ compiler for
-  Inductor, or a torch whose Dynamo cannot trace ``object.__new__``, which
-  ``torch.distributions``' ``expand`` calls (2.11 cannot; 2.14 can).  One
+  Inductor, or, before torch 2.14, a part whose distribution calls torch's
+  ``expand`` (Dynamo 2.11 cannot trace its ``self.__new__(type(self))``;
+  the trace core and the catalogue's priors expand without it).  One
   warning names the reason.  (Other errors -- a bad batch,
   out of memory -- are raised as they are.)
 

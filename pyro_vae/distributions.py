@@ -45,11 +45,12 @@ def _bernoulli_log_density(logits: torch.Tensor, value: torch.Tensor) -> torch.T
     rounding (about 1e-7 relative per factor).  No autograd:
     :class:`BernoulliLogProb` gives the gradient."""
     dim = logits.shape[-1]
-    group = _group_size(dim)
+    groups = (*logits.shape[:-1], dim // _group_size(dim), _group_size(dim))
     magnitude = logits.abs()
+    if torch.compiler.is_compiling():  # out of place: Inductor fuses it all the same (torch 2.11 mis-traced the in-place form)
+        return ((value - 0.5) * logits - 0.5 * magnitude).sum(-1) + magnitude.sigmoid().reshape(groups).prod(-1).log().sum(-1)
     linear = ((value - 0.5) * logits).sub_(magnitude, alpha=0.5).sum(-1)
-    log_sigmoids = magnitude.sigmoid_().reshape(*logits.shape[:-1], dim // group, group).prod(-1).log_().sum(-1)
-    return linear.add_(log_sigmoids)
+    return linear.add_(magnitude.sigmoid_().reshape(groups).prod(-1).log_().sum(-1))
 
 
 class BernoulliLogProb(torch.autograd.Function):
@@ -78,7 +79,8 @@ class BernoulliLogProb(torch.autograd.Function):
         grad = grad.unsqueeze(-1)
         grad_logits = grad_value = None
         if ctx.needs_input_grad[0]:
-            in_place = not torch.is_grad_enabled()  # (grad mode here: a backward with create_graph)
+            # (grad mode here: a backward with create_graph; compiled, Inductor fuses it out of place)
+            in_place = not torch.is_grad_enabled() and not torch.compiler.is_compiling()
             if in_place and torch.broadcast_shapes(logits.shape, value.shape, grad.shape) == logits.shape:
                 grad_logits = torch.sigmoid(logits).sub_(value).mul_(-grad)
             else:  # differentiable, or data with more batch dims than the logits

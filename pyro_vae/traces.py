@@ -133,6 +133,25 @@ def keeps_one_latent_site(model: LatentVariableModel, guide: DistributionGuide, 
     return keeps
 
 
+def _expanded(fn, batch_shape):
+    """``fn.expand(batch_shape)``, with each new instance made by
+    ``object.__new__(cls)`` rather than torch's ``self.__new__(type(self))``,
+    which TorchDynamo before torch 2.14 cannot trace (so ``train.compile``
+    fell back to eager there); an ``Independent`` that keeps torch's
+    ``expand`` is rebuilt around its expanded base, as that ``expand`` does.
+    The same distribution, draws and densities as ``fn.expand`` (tested)."""
+    batch_shape = torch.Size(batch_shape)
+    cls = type(fn)
+    if isinstance(fn, Independent) and cls.expand is Independent.expand:
+        n = fn.reinterpreted_batch_ndims
+        new = cls(_expanded(fn.base_dist, batch_shape + fn.event_shape[:n]), n, validate_args=False)
+        new._validate_args = fn._validate_args
+        return new
+    if cls.__new__ is object.__new__:
+        return fn.expand(batch_shape, _instance=object.__new__(cls))
+    return fn.expand(batch_shape)
+
+
 def _broadcast(fn, frames: tuple[CondIndepStackFrame, ...]):
     """``fn`` expanded to the plates' batch shape, as Pyro's plates expand a
     site's distribution (``BroadcastMessenger``)."""
@@ -145,7 +164,7 @@ def _broadcast(fn, frames: tuple[CondIndepStackFrame, ...]):
         shape[frame.dim] = frame.size
     if fn.batch_shape == tuple(shape):
         return fn  # (Pyro expands to the same shape: an equal copy)
-    expanded = fn.expand(shape)
+    expanded = _expanded(fn, shape)
     if expanded.has_rsample != fn.has_rsample:
         expanded.has_rsample = fn.has_rsample  # (a guide's custom attribute, as Pyro copies it)
     return expanded
@@ -236,7 +255,7 @@ def _kl_pair(q_site: dict, p_site: dict):
     if q.event_shape or p.event_shape:
         q, p, factorised = q_site["fn"], p_site["fn"], False
     shape = torch.broadcast_shapes(q.batch_shape, p.batch_shape)
-    return q.expand(shape), p.expand(shape), factorised
+    return _expanded(q, shape), _expanded(p, shape), factorised
 
 
 def has_analytic_kl(q_site: dict, p_site: dict) -> bool:

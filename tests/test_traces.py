@@ -8,6 +8,7 @@ import torch
 from torch.distributions import kl_divergence
 
 from linear_gaussian import LinearGaussianModel, PosteriorGuide
+from pyro_vae.distributions import BernoulliVector
 from pyro_vae.evaluate import importance_log_likelihood, kl_per_dimension
 from pyro_vae.traces import draw_particles, log_mean_exp, per_datapoint, site_log_prob
 
@@ -96,3 +97,32 @@ def test_full_covariance_kl_matches_its_closed_form():
     standard_error = draws.std(0) / math.sqrt(4000)
     assert ((draws.mean(0) - closed_form).abs() < 5 * standard_error).all()
     assert (closed_form > 0.1).all()  # a sign error could not hide in a KL near zero
+
+
+@pytest.mark.parametrize("make", [
+    lambda: dist.Normal(torch.randn(3, 4), torch.rand(3, 4) + 0.5).to_event(1),
+    lambda: dist.Normal(torch.randn(4), torch.rand(4) + 0.5).to_event(1),
+    lambda: dist.Bernoulli(logits=torch.randn(3, 4)),
+    lambda: BernoulliVector(torch.randn(3, 4)),
+    lambda: dist.LowRankMultivariateNormal(torch.randn(3, 4), torch.randn(3, 4, 2), torch.rand(3, 4) + 0.5),
+    lambda: dist.MixtureSameFamily(dist.Categorical(logits=torch.randn(2)),
+                                   dist.Normal(torch.randn(2, 4), torch.ones(2, 4)).to_event(1)),
+])
+def test_expanded_is_torchs_expand(make):
+    """The trace core's expand (new instances by ``object.__new__``, an
+    ``Independent`` rebuilt around its expanded base) gives torch's
+    ``expand``: its type, shapes, validation flag, draws from the same seed
+    and densities."""
+    from pyro_vae.traces import _expanded
+
+    fn = make()
+    shape = (5, 3) if fn.batch_shape in ((3,), ()) else (5, *fn.batch_shape)
+    ours, theirs = _expanded(fn, shape), fn.expand(shape)
+    assert type(ours) is type(theirs)
+    assert (ours.batch_shape, ours.event_shape) == (theirs.batch_shape, theirs.event_shape) == (shape, fn.event_shape)
+    assert ours._validate_args == theirs._validate_args
+    torch.manual_seed(1)
+    a = ours.sample()
+    torch.manual_seed(1)
+    assert torch.equal(a, theirs.sample())
+    assert torch.allclose(ours.log_prob(a), theirs.log_prob(a))
