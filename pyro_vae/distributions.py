@@ -45,10 +45,12 @@ def _bernoulli_log_density(logits: torch.Tensor, value: torch.Tensor) -> torch.T
     rounding (about 1e-7 relative per factor).  No autograd:
     :class:`BernoulliLogProb` gives the gradient."""
     dim = logits.shape[-1]
-    groups = (*logits.shape[:-1], dim // _group_size(dim), _group_size(dim))
+    group = _group_size(dim)
+    groups = (*logits.shape[:-1], dim // group, group)
     magnitude = logits.abs()
-    if torch.compiler.is_compiling():  # out of place: Inductor fuses it all the same (torch 2.11 mis-traced the in-place form)
-        return ((value - 0.5) * logits - 0.5 * magnitude).sum(-1) + magnitude.sigmoid().reshape(groups).prod(-1).log().sum(-1)
+    if torch.compiler.is_compiling():  # out of place: Inductor fuses it all the same (torch 2.11 lost the gradient)
+        linear = ((value - 0.5) * logits - 0.5 * magnitude).sum(-1)
+        return linear + magnitude.sigmoid().reshape(groups).prod(-1).log().sum(-1)
     linear = ((value - 0.5) * logits).sub_(magnitude, alpha=0.5).sum(-1)
     return linear.add_(magnitude.sigmoid_().reshape(groups).prod(-1).log_().sum(-1))
 
