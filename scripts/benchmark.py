@@ -37,7 +37,8 @@ Cases, on Burda et al.'s MNIST architecture (784-200-200-50, tanh):
   processes with :func:`pyro_vae.allocator.keep_freed_memory` (which the
   ``pyro-vae`` command and this script call at start) and without it.
 
-Usage: ``python scripts/benchmark.py [--device cpu|cuda] [--iw-samples 1000] [--cases train_step ...]``
+Usage: ``python scripts/benchmark.py [--device cpu|cuda] [--iw-samples 1000] [--cases train_step ...]
+[--json PATH]``: a table on standard output, and the same results as JSON in ``PATH``.
 """
 from __future__ import annotations
 
@@ -563,6 +564,18 @@ def allocator_case(device: str, num_samples: int, threads: int, repeats: int) ->
     return out
 
 
+def format_table(report: dict) -> str:
+    """The report as text: the setup, then each case's name and its figures,
+    one per line, the names aligned (lists, a case's per-process runs, as JSON)."""
+    lines = ["setup: " + ", ".join(f"{k} = {v}" for k, v in report["setup"].items())]
+    for case in report["results"]:
+        figures = {k: v for k, v in case.items() if k != "case"}
+        width = max(map(len, figures), default=0)
+        lines += ["", case["case"]]
+        lines += [f"  {k:<{width}}  {json.dumps(v) if isinstance(v, (list, dict)) else v}" for k, v in figures.items()]
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -571,6 +584,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--pipeline-steps", type=int, default=300, help="training steps timed per pipeline")
     parser.add_argument("--cases", nargs="+", choices=CASES, default=CASES, help="the cases to run (default: all)")
+    parser.add_argument("--json", type=Path, metavar="PATH", help="also write the results as JSON to PATH")
     args = parser.parse_args()
     kept = keep_freed_memory()  # as the pyro-vae command does: every case below runs with it (`allocator` compares)
     torch.set_num_threads(args.threads)
@@ -591,7 +605,10 @@ def main() -> None:
     results = [cases[name]() for name in CASES if name in args.cases]
     meta = {"device": args.device, "threads": args.threads, "torch": torch.__version__,
             "keep_freed_memory": kept}
-    print(json.dumps({"setup": meta, "results": results}, indent=2))
+    report = {"setup": meta, "results": results}
+    print(format_table(report))
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
 
 
 if __name__ == "__main__":

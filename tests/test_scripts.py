@@ -73,3 +73,23 @@ def test_collapse_study_quick_mode_writes_its_table_and_plots(tmp_path):
     assert (tmp_path / "study" / "vanilla" / "checkpoint.pt").stat().st_mtime == stamp
     failed = subprocess.run(command[:5] + ["--runs", "vanila"], capture_output=True, text=True)
     assert failed.returncode != 0 and "unknown remedy 'vanila'" in failed.stderr
+
+
+def test_benchmark_prints_a_table_and_writes_the_same_results_as_json(tmp_path):
+    import json
+
+    out = tmp_path / "bench.json"
+    run = subprocess.run([sys.executable, str(ROOT / "scripts" / "benchmark.py"), "--device", "cpu", "--threads", "1",
+                          "--cases", "iw_eval", "--repeats", "1", "--iw-samples", "50", "--json", str(out)],
+                         capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert run.returncode == 0, run.stderr
+    report = json.loads(out.read_text())
+    (case,) = report["results"]
+    assert report["setup"]["device"] == "cpu" and case["case"] == "iw_eval (100 images, K=50)"
+    lines = run.stdout.splitlines()
+    assert lines[0].startswith("setup: device = cpu") and case["case"] in lines
+    for key, value in case.items():  # every figure on its own line
+        if key != "case":
+            assert any(line.split() == [key, str(value)] for line in lines), key
+    # the two estimates of the same untrained model agree within Monte-Carlo error
+    assert abs(case["mean_log_likelihood_pyro_vae"] - case["mean_log_likelihood_handwritten"]) < 2.0
