@@ -17,8 +17,8 @@ These calls run the eager ``forward``:
 - calls under Pyro's validation (the trainer validates each epoch's first
   step): the distributions' argument checks cannot be traced;
 - every call, once capturing has failed: an objective or part whose traces
-  are Pyro's (``trace_elbo`` and ``tracegraph_elbo`` run Pyro's ELBOs, a part
-  with its own ``forward`` runs Pyro's handlers), no C++ compiler for
+  are Pyro's (``tracegraph_elbo`` runs Pyro's ELBO, a part with its own
+  ``forward`` runs Pyro's handlers), no C++ compiler for
   Inductor, or, before torch 2.14, a part whose distribution calls torch's
   ``expand`` (Dynamo 2.11 cannot trace its ``self.__new__(type(self))``;
   the trace core and the catalogue's priors expand without it).  One

@@ -31,6 +31,7 @@ class Ranks:
 
     rank: int = 0
     world_size: int = 1
+    device: torch.device = torch.device("cpu")  # where the backend reduces: this rank's GPU for NCCL
 
     @property
     def is_main(self) -> bool:
@@ -45,10 +46,11 @@ class Ranks:
         return torch.tensor_split(index, self.world_size)[self.rank] if self.active else index
 
     def all_reduce_sum_(self, tensors: Sequence[torch.Tensor]) -> None:
-        """Sum ``tensors`` over the ranks, in place, in one collective."""
+        """Sum ``tensors`` over the ranks, in place, in one collective (on
+        :attr:`device`, wherever each tensor lives: NCCL reduces CUDA tensors only)."""
         if not self.active or not tensors:
             return
-        flat = torch.cat([t.reshape(-1).to(torch.float64) for t in tensors])
+        flat = torch.cat([t.reshape(-1).to(self.device, torch.float64) for t in tensors])
         dist.all_reduce(flat)
         offset = 0
         for t in tensors:
@@ -69,9 +71,10 @@ def init_ranks(device: torch.device) -> Ranks:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     if world_size <= 1:
         return Ranks()
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if not dist.is_initialized():
         if device.type == "cuda":
-            local_rank, visible = int(os.environ.get("LOCAL_RANK", "0")), torch.cuda.device_count()
+            visible = torch.cuda.device_count()
             if local_rank >= visible:
                 raise ConfigError(
                     f"train.device = {device.type!r} with {os.environ.get('LOCAL_WORLD_SIZE', '?')} processes on "
@@ -79,4 +82,5 @@ def init_ranks(device: torch.device) -> Ranks:
                     f"torchrun with --nproc_per_node {visible} or fewer, or train on the CPUs with train.device = 'cpu'")
             torch.cuda.set_device(local_rank)
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    return Ranks(dist.get_rank(), dist.get_world_size())
+    reduce_on = torch.device("cuda", local_rank) if device.type == "cuda" else torch.device("cpu")
+    return Ranks(dist.get_rank(), dist.get_world_size(), reduce_on)

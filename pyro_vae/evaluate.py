@@ -107,7 +107,7 @@ def importance_log_likelihood(log_w: torch.Tensor) -> torch.Tensor:
     return log_mean_exp(log_w, dim=0)
 
 
-PSIS_MIN_SAMPLES = 25  # arviz fits the Pareto tail to ceil(min(K/5, 3 sqrt K)) weights: 5 at K = 25
+PSIS_MIN_SAMPLES = 21  # the Pareto tail is the ceil(min(K/5, 3 sqrt K)) largest weights: 5, the fewest fitted, at K = 21
 
 
 def psis_khat(log_w: torch.Tensor) -> np.ndarray:

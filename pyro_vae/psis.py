@@ -31,6 +31,7 @@ import torch
 
 LOG_TINY = math.log(np.finfo(float).tiny)  # arviz's floor for the tail's cutoff
 PRIOR_K, PRIOR_B = 10, 3  # Zhang and Stephens' prior weights, as arviz sets them
+ROWS_AT_ONCE = 1000  # datapoints fitted together: ~75 MB of float64 at K=5000 (m = 44 candidates x M = 213)
 
 
 def tail_size(num_samples: int) -> int:
@@ -40,17 +41,21 @@ def tail_size(num_samples: int) -> int:
 
 def pareto_khat(log_w: torch.Tensor) -> np.ndarray:
     """k-hat per datapoint of ``log_w`` ``[K, B]`` -> ``[B]``, equal to
-    arviz's ``psislw(log_w.T)[1]`` to float64 rounding (tested).  Needs
-    ``K >= 25`` (a tail of at least 5)."""
+    arviz's ``psislw(log_w.T)[1]`` to float64 rounding (tested): ``inf``
+    where the tail has 4 weights or fewer (``K <= 20``), as arviz gives."""
     rows = log_w.detach().T.double()
     num_samples = rows.shape[1]
     m_tail = tail_size(num_samples)
+    if m_tail <= 4:
+        return np.full(rows.shape[0], np.inf)
     top = rows.topk(m_tail + 1, dim=1).values  # descending
     top = top - top[:, :1]
     cutoff = top[:, m_tail].clamp(min=LOG_TINY)
     tail = top[:, :m_tail].flip(1)  # the M largest, ascending
     regular = (tail > cutoff[:, None]).all(1)  # exactly M weights above the cutoff: no ties, no underflow
-    khat, kept_any = _gpd_shape(torch.exp(tail) - torch.exp(cutoff)[:, None])
+    excess = torch.exp(tail) - torch.exp(cutoff)[:, None]
+    fits = [_gpd_shape(part) for part in excess.split(ROWS_AT_ONCE)]  # [rows, m, M] float64 a part
+    khat, kept_any = torch.cat([k for k, _ in fits]), torch.cat([kept for _, kept in fits])
     khat = khat.cpu().numpy()
     redo = ~(regular & kept_any & torch.isfinite(torch.from_numpy(khat)).to(regular.device)).cpu().numpy()
     if redo.any():
