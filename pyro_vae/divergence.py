@@ -65,8 +65,8 @@ class GuardedOptimizer:
         loss = self.objective.metrics["loss"].float().reshape(())
         if self.ranks.active:
             grads = self._filled_grads()
-            totals = torch.stack([loss * self.batch_size, torch.tensor(float(self.batch_size)),
-                                  torch.tensor(float(self.stop))]).to(loss.device)
+            totals = torch.stack([loss * self.batch_size, loss.new_tensor(float(self.batch_size)),
+                                  loss.new_tensor(float(self.stop))])  # (one device: the loss's)
             self.ranks.all_reduce_sum_(grads + [totals])
             loss, self.stop_any = totals[0], bool(totals[2] > 0)
             self.loss_per_datapoint = (totals[0] / totals[1]).item()
