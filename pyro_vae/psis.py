@@ -16,10 +16,11 @@ empirical-Bayes fit, as arviz's ``_gpdfit`` computes it:
 arviz's :func:`~arviz.psislw` loops over datapoints in Python (0.65 ms a
 datapoint at K=5000 on this project's CPU, also smoothing the weights,
 which the evaluator does not use): about 5 s of the 11 s K=5000 evaluation
-of the 10k MNIST test images on an H100 (5.7-6.0 s with this function).  :func:`pareto_khat` computes the same k-hat for a whole batch in
-a few tensor operations on the weights' device, in float64, and hands the
-rows this form does not cover (ties at the cutoff, weights below the
-smallest double, a fit with no weight left) to arviz itself.
+of the 10k MNIST test images on an H100 (5.7-6.0 s with this function).
+:func:`pareto_khat` computes the same k-hat for a whole batch in a few
+tensor operations on the weights' device, in float64, and hands the rows
+this form does not cover (ties at the cutoff, weights below the smallest
+double, a fit with no weight left) to arviz itself.
 """
 from __future__ import annotations
 
@@ -56,10 +57,10 @@ def pareto_khat(log_w: torch.Tensor) -> np.ndarray:
     excess = torch.exp(tail) - torch.exp(cutoff)[:, None]
     fits = [_gpd_shape(part) for part in excess.split(ROWS_AT_ONCE)]  # [rows, m, M] float64 a part
     khat, kept_any = torch.cat([k for k, _ in fits]), torch.cat([kept for _, kept in fits])
-    khat = khat.cpu().numpy()
-    redo = ~(regular & kept_any & torch.isfinite(torch.from_numpy(khat)).to(regular.device)).cpu().numpy()
-    if redo.any():
-        khat[redo] = _arviz_khat(rows[torch.from_numpy(redo).to(rows.device)].cpu().numpy())
+    redo = ~(regular & kept_any & torch.isfinite(khat))
+    khat, redo_rows = khat.cpu().numpy(), redo.cpu().numpy()
+    if redo_rows.any():
+        khat[redo_rows] = _arviz_khat(rows[redo].cpu().numpy())
     return khat
 
 

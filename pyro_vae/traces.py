@@ -139,8 +139,11 @@ def _expanded(fn, batch_shape):
     which TorchDynamo before torch 2.14 cannot trace (so ``train.compile``
     fell back to eager there); an ``Independent`` that keeps torch's
     ``expand`` is rebuilt around its expanded base, as that ``expand`` does.
-    The same distribution, draws and densities as ``fn.expand`` (tested)."""
+    The same distribution, draws and densities as ``fn.expand`` (tested);
+    ``fn`` itself where it has that batch shape already (an equal copy)."""
     batch_shape = torch.Size(batch_shape)
+    if fn.batch_shape == batch_shape:
+        return fn
     cls = type(fn)
     if isinstance(fn, Independent) and cls.expand is Independent.expand:
         n = fn.reinterpreted_batch_ndims
@@ -162,8 +165,6 @@ def _broadcast(fn, frames: tuple[CondIndepStackFrame, ...]):
                              f"batch shape is {tuple(fn.batch_shape)}, the plate's size {frame.size}")
         shape = [1] * (-frame.dim - len(shape)) + shape
         shape[frame.dim] = frame.size
-    if fn.batch_shape == tuple(shape):
-        return fn  # (Pyro expands to the same shape: an equal copy)
     expanded = _expanded(fn, shape)
     if expanded.has_rsample != fn.has_rsample:
         expanded.has_rsample = fn.has_rsample  # (a guide's custom attribute, as Pyro copies it)

@@ -126,3 +126,4 @@ def test_expanded_is_torchs_expand(make):
     torch.manual_seed(1)
     assert torch.equal(a, theirs.sample())
     assert torch.allclose(ours.log_prob(a), theirs.log_prob(a))
+    assert _expanded(fn, fn.batch_shape) is fn  # already of that shape: itself, no copy
