@@ -1,4 +1,5 @@
-"""``train.compile``: an objective's loss through :func:`torch.compile`, whole.
+"""``train.compile`` and ``eval.compile``: an objective's loss, or the
+evaluator's log weights, through :func:`torch.compile`, whole.
 
 For the contract's one-latent parts the trace core builds the traces without
 Pyro's handlers (:func:`pyro_vae.traces.direct_traces`), so an objective's
@@ -9,6 +10,12 @@ work and AOTAutograd its backward's, and the step sheds the Python overhead
 of each eager operation and distribution object.  The objective's
 ``forward`` is replaced on the instance, so parameters, ``state_dict`` keys
 and checkpoints do not change.
+
+``eval.compile`` compiles the IS evaluator's chunk the same way
+(:class:`CompiledCall` around :func:`~pyro_vae.traces.log_importance_weights`,
+called without gradients): the decoder's elementwise passes over the
+``[chunk, B, dim(x)]`` logits fuse into two loops, leaving the matrix
+products most of the time.
 
 These calls run the eager ``forward``:
 
@@ -51,34 +58,43 @@ import torch._functorch.config
 log = logging.getLogger("pyro_vae")
 
 
-class CompiledObjective:
-    """An objective's ``forward``, compiled on its first call with gradients,
-    or its eager ``forward`` where the module docstring says."""
+class CompiledCall:
+    """``fn`` through :func:`torch.compile` whole (``fullgraph``, torch's own
+    generator), where ``compiles()`` allows it and Pyro's validation is off;
+    the eager ``fn`` otherwise, and for good once capturing or compiling has
+    failed (one warning, naming ``what``)."""
 
-    def __init__(self, objective: torch.nn.Module):
-        self.objective = objective
-        self.compiled: Callable[..., Any] | None = torch.compile(type(objective).forward.__get__(objective),
-                                                                 fullgraph=True, options={"fallback_random": True})
-
-    def eager(self, *args: Any, **kwargs: Any) -> Any:
-        return type(self.objective).forward(self.objective, *args, **kwargs)
+    def __init__(self, fn: Callable[..., Any], what: str, compiles: Callable[[], bool] = lambda: True):
+        self.eager, self.what, self.compiles = fn, what, compiles
+        self.compiled: Callable[..., Any] | None = torch.compile(fn, fullgraph=True,
+                                                                 options={"fallback_random": True})
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        if (self.compiled is None or not torch.is_grad_enabled() or pyro.distributions.util.is_validation_enabled()
+        if (self.compiled is None or not self.compiles() or pyro.distributions.util.is_validation_enabled()
                 or pyro.poutine.util.is_validation_enabled()):
             return self.eager(*args, **kwargs)
         try:
             # the step counter (annealing, capacity schedules) a graph input, not a constant that
-            # recompiles each step; the backward compiled now, inside this fallback, not lazily
+            # recompiles each step; a backward compiled now, inside this fallback, not lazily
             with torch._dynamo.config.patch(allow_unspec_int_on_nn_module=True), \
                     torch._functorch.config.patch(force_non_lazy_backward_lowering=True):
                 return self.compiled(*args, **kwargs)
         except torch._dynamo.exc.TorchDynamoException as exc:  # capture, recompile-limit or Inductor failures
             message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-            log.warning("torch.compile cannot compile objective %s whole (%s: %s); it runs uncompiled",
-                        type(self.objective).__name__, type(exc).__name__, message)
+            log.warning("torch.compile cannot compile %s whole (%s: %s); it runs uncompiled",
+                        self.what, type(exc).__name__, message)
             self.compiled = None
         return self.eager(*args, **kwargs)
+
+
+class CompiledObjective(CompiledCall):
+    """An objective's ``forward``, compiled on its first call with gradients,
+    or its eager ``forward`` where the module docstring says."""
+
+    def __init__(self, objective: torch.nn.Module):
+        self.objective = objective
+        super().__init__(type(objective).forward.__get__(objective), f"objective {type(objective).__name__}",
+                         torch.is_grad_enabled)
 
 
 def compile_objective(objective: torch.nn.Module) -> CompiledObjective:

@@ -20,6 +20,11 @@ Samples are drawn ``chunk_size`` at a time, vectorized over a particle plate
 placed left of every plate the model uses, so memory is bounded by
 ``chunk_size * batch_size * dim(x)`` whatever ``K`` is.  ``chunk_size =
 "auto"`` picks it for the device (:func:`cpu_chunk_size`, :func:`cuda_chunked_log_weights`).
+With ``compile`` each chunk's log weights run through :func:`torch.compile`
+whole (:class:`~pyro_vae.compiled.CompiledCall`): Inductor fuses the
+elementwise passes around the matrix products (the tanh layers, the
+Bernoulli log-density over the ``[chunk, B, dim(x)]`` logits) into a few
+loops, one graph per chunk shape.
 """
 from __future__ import annotations
 
@@ -31,6 +36,7 @@ import pyro
 import torch
 from tqdm.auto import tqdm
 
+from pyro_vae.compiled import CompiledCall
 from pyro_vae.psis import pareto_khat
 from pyro_vae.traces import (
     guide_and_model_traces,
@@ -48,6 +54,7 @@ def chunk_sizes(total: int, chunk: int) -> list[int]:
 
 
 ChunkSize = Union[int, Literal["auto"]]
+LogWeights = Callable[[Callable, Callable, torch.Tensor, int, int], torch.Tensor]  # log_importance_weights' signature
 CPU_CHUNK_ELEMENTS = 4_000_000  # data elements per chunk (chunk x B x dim(x)) on the CPU
 CUDA_MEMORY_FRACTION = 0.5  # of the free GPU memory, for one chunk
 PROBE_SAMPLES = 16  # the first chunk on CUDA, whose peak memory sizes the others
@@ -65,13 +72,19 @@ def cpu_chunk_size(x: torch.Tensor, num_samples: int, outputs_per_value: int = 1
     ``iw_chunks``).  A model whose per-sample tensors are much larger than
     its data (a language model's vocabulary-sized logits per word) gives
     ``outputs_per_value`` (the dataset's: 1 for pixels, the vocabulary's size
-    for words), so the chunk counts those outputs instead."""
+    for words), so the chunk counts those outputs instead.
+
+    The chunk is the largest divisor of ``num_samples`` between half that
+    size and it, where there is one (5000 in chunks of 50, not 98 of 51 and
+    one of 2): every chunk then has one shape, which a compiled evaluator
+    compiles once."""
     per_sample = x.numel() * outputs_per_value
-    return max(1, min(num_samples, CPU_CHUNK_ELEMENTS // max(per_sample, 1)))
+    target = max(1, min(num_samples, CPU_CHUNK_ELEMENTS // max(per_sample, 1)))
+    return next((size for size in range(target, (target + 1) // 2 - 1, -1) if num_samples % size == 0), target)
 
 
 def cuda_chunked_log_weights(model: Callable, guide: Callable, x: torch.Tensor, num_samples: int,
-                             nesting: int) -> torch.Tensor:
+                             nesting: int, log_weights: LogWeights = log_importance_weights) -> torch.Tensor:
     """The log weights on a GPU, in chunks as large as half its free memory
     allows: the first :data:`PROBE_SAMPLES` samples are drawn alone and the
     peak memory they took, per sample, sizes the rest."""
@@ -80,26 +93,27 @@ def cuda_chunked_log_weights(model: Callable, guide: Callable, x: torch.Tensor, 
     torch.cuda.synchronize(device)
     base = torch.cuda.memory_allocated(device)
     torch.cuda.reset_peak_memory_stats(device)
-    pieces = [log_importance_weights(model, guide, x, first, nesting)]
+    pieces = [log_weights(model, guide, x, first, nesting)]
     per_sample = max(torch.cuda.max_memory_allocated(device) - base, 1) / first
     free, _ = torch.cuda.mem_get_info(device)
     chunk = max(1, int(CUDA_MEMORY_FRACTION * free / per_sample))
-    pieces += [log_importance_weights(model, guide, x, k, nesting) for k in chunk_sizes(num_samples - first, chunk)]
+    pieces += [log_weights(model, guide, x, k, nesting) for k in chunk_sizes(num_samples - first, chunk)]
     return torch.cat(pieces)
 
 
 def chunked_log_weights(
     model: Callable, guide: Callable, x: torch.Tensor, num_samples: int, chunk_size: ChunkSize, nesting: int,
-    outputs_per_value: int = 1,
+    outputs_per_value: int = 1, log_weights: LogWeights = log_importance_weights,
 ) -> torch.Tensor:
-    """:func:`~pyro_vae.traces.log_importance_weights` for ``num_samples`` drawn
-    ``chunk_size`` at a time (``"auto"``: sized for the device, see
-    :func:`cpu_chunk_size`): ``[num_samples, B]``."""
+    """``log_weights`` (:func:`~pyro_vae.traces.log_importance_weights`, or
+    its compiled form) for ``num_samples`` drawn ``chunk_size`` at a time
+    (``"auto"``: sized for the device, see :func:`cpu_chunk_size`):
+    ``[num_samples, B]``."""
     if chunk_size == "auto":
         if x.device.type == "cuda":
-            return cuda_chunked_log_weights(model, guide, x, num_samples, nesting)
+            return cuda_chunked_log_weights(model, guide, x, num_samples, nesting, log_weights)
         chunk_size = cpu_chunk_size(x, num_samples, outputs_per_value)
-    return torch.cat([log_importance_weights(model, guide, x, k, nesting) for k in chunk_sizes(num_samples, chunk_size)])
+    return torch.cat([log_weights(model, guide, x, k, nesting) for k in chunk_sizes(num_samples, chunk_size)])
 
 
 def importance_log_likelihood(log_w: torch.Tensor) -> torch.Tensor:
@@ -179,16 +193,21 @@ def evaluate(
     num_batches: int | None = None,
     progress: bool = True,
     outputs_per_value: int = 1,
+    compile: bool = False,
 ) -> Evaluation:
     """ELBO, IS log-likelihood with ``num_samples`` samples, PSIS k-hat and KL
-    per dimension for every datapoint of ``batches``."""
+    per dimension for every datapoint of ``batches``; with ``compile``, the
+    log weights through :func:`torch.compile` (see the module docstring)."""
+    log_weights = (CompiledCall(log_importance_weights, "the IS evaluator's log weights") if compile
+                   else log_importance_weights)
     elbo, log_lik, khat, kl_sum, count = [], [], [], {}, 0
     nesting = None
     for x in tqdm(batches, total=num_batches, desc=f"evaluate K={num_samples}", disable=not progress, leave=False):
         if nesting is None:  # the first batch runs with Pyro's argument validation on
             nesting = max_plate_nesting(model, guide, x)
         with pyro.validation_enabled(False):  # validation would re-check K * B * dim(x) values
-            log_w = chunked_log_weights(model, guide, x, num_samples, chunk_size, nesting, outputs_per_value)
+            log_w = chunked_log_weights(model, guide, x, num_samples, chunk_size, nesting, outputs_per_value,
+                                        log_weights)
         elbo.append(log_w.mean(0).cpu())
         log_lik.append(importance_log_likelihood(log_w).cpu())
         khat.append(psis_khat(log_w))

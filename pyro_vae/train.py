@@ -442,7 +442,8 @@ def fit(experiment: Experiment, run: RunDir, state: Optional[dict[str, Any]] = N
 
 
 def evaluate_run(experiment: Experiment, split: str, num_samples: int, chunk_size: int,
-                 batch_size: int, limit: int | None, progress: bool = True, decompose: bool = False) -> Evaluation:
+                 batch_size: int, limit: int | None, progress: bool = True, decompose: bool = False,
+                 compile: bool = False) -> Evaluation:
     """Evaluate the experiment's model/guide on (the first ``limit`` datapoints
     of) one split, timing it; with ``decompose``, also the KL decomposition
     over the same datapoints (:mod:`pyro_vae.decompose`) and, where the data
@@ -458,7 +459,7 @@ def evaluate_run(experiment: Experiment, split: str, num_samples: int, chunk_siz
     result = evaluate(
         experiment.model, experiment.guide, data.batches(batch_size), num_samples,
         chunk_size=chunk_size, num_batches=data.num_batches(batch_size), progress=progress,
-        outputs_per_value=experiment.data.outputs_per_value,
+        outputs_per_value=experiment.data.outputs_per_value, compile=compile,
     )
     if decompose:
         parts = decompose_split(experiment.model, experiment.guide, data.batches(batch_size), progress=progress)
@@ -559,7 +560,7 @@ def train_and_evaluate(config: ExperimentConfig, run_dir: str | Path, overwrite:
             save_latent_pictures(run, experiment)
         return report
     result = evaluate_run(experiment, ev.split, ev.iw_samples, ev.chunk_size, ev.batch_size, ev.limit, progress,
-                          decompose=ev.decompose)
+                          decompose=ev.decompose, compile=ev.compile)
     result.extra.update(epoch=len(history), checkpoint=checkpoint_tag({"epoch": len(history)}))
     report["wall_seconds_this_call"] = round(time.perf_counter() - start, 1)
     summary = record(run, result, report)

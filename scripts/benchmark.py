@@ -24,7 +24,8 @@ Cases, on Burda et al.'s MNIST architecture (784-200-200-50, tanh):
   Pyro's VAE example (``DataLoader`` + ``SVI``), and pythae's ``BaseTrainer``
   (the optional ``benchmark`` extra; skipped with a message without it).
 - ``iw_throughput``: datapoints x samples / s of the IS log-likelihood at
-  K = 5000, pyro-vae's evaluator against pythae's ``get_nll``.
+  K = 5000, pyro-vae's evaluator (eager, and with ``eval.compile``) against
+  pythae's ``get_nll``.
 - ``iw_chunks``: the evaluator's throughput (datapoints x samples / s) by
   samples per chunk, ``auto`` included, on 100 test images;
 - ``flop_limit``: the measured sgemm rate (a 2048 x 2048 product) and the
@@ -53,15 +54,18 @@ import time
 from pathlib import Path
 from typing import Callable
 
+import pyro
 import torch
 import torch.nn.functional as F
 
 from pyro_vae.allocator import keep_freed_memory
+from pyro_vae.compiled import CompiledCall
 from pyro_vae.config import load_config
 from pyro_vae.evaluate import chunked_log_weights, cpu_chunk_size, importance_log_likelihood
 from pyro_vae.experiment import Experiment, build_model_and_guide
 from pyro_vae.nn import Tanh
 from pyro_vae.rundir import RunDir
+from pyro_vae.traces import log_importance_weights
 from pyro_vae.train import Trainer
 
 CONFIG = "configs/mnist_burda.toml"
@@ -154,7 +158,6 @@ def pyro_example_model_and_guide(encoder, decoder):
     """The model and guide as Pyro's VAE example writes them (``pyro.module``,
     a data plate, ``Normal(...).to_event(1)`` latents, Bernoulli pixels),
     around the same networks."""
-    import pyro
     import pyro.distributions as dist
 
     latent_dim = decoder[0].in_features
@@ -255,7 +258,6 @@ def pipeline_case(device: str, steps: int, repeats: int) -> dict:
     and pythae's ``BaseTrainer`` (when installed).  The pipelines take turns
     for ``repeats`` rounds (each round ``steps`` steps of each); the median
     round of each is reported."""
-    import pyro
     from pyro.infer import SVI, Trace_ELBO
     from torch.utils.data import DataLoader, TensorDataset
 
@@ -313,7 +315,7 @@ def pipeline_case(device: str, steps: int, repeats: int) -> dict:
             "pyro_example_svi": timed(pyro_example),
         }
         if pythae_installed():
-            pipelines["pythae_trainer"] = lambda: pythae_training(experiment, split, steps, batch, device)
+            pipelines["pythae_trainer"] = pythae_training(experiment, split, steps, batch, device, unused)
         rates = {key: [] for key in pipelines}
         for _ in range(repeats):  # in turns, so drifts in machine load hit every pipeline
             for key, rate in pipelines.items():
@@ -366,28 +368,41 @@ def pythae_installed() -> bool:
     return True
 
 
-def pythae_training(experiment: Experiment, split, steps: int, batch: int, device: str) -> float:
-    """examples/s of pythae's ``BaseTrainer`` for one epoch over ``steps * batch`` images."""
+def pythae_training(experiment: Experiment, split, steps: int, batch: int, device: str, out_dir: str
+                    ) -> Callable[[], float]:
+    """examples/s of pythae's ``BaseTrainer`` over one epoch of ``steps * batch``
+    images: the trainer is built and prepared once (optimizer, output folder,
+    callbacks: what ``train()`` does first), and each call times its epoch
+    loop, ``train_step`` (its DataLoader's batches, forward, Adam step, the
+    loss read and NaN check), not the set-up, logging and model saving
+    around it in ``train()``."""
     from pythae.data.datasets import BaseDataset
     from pythae.trainers import BaseTrainer, BaseTrainerConfig
 
     pixels = torch.bernoulli(split.pixels[: steps * batch].float().cpu() / 255)
     images = BaseDataset(pixels, torch.zeros(len(pixels)))
-    with tempfile.TemporaryDirectory() as out_dir:
-        config = BaseTrainerConfig(output_dir=out_dir, per_device_train_batch_size=batch, num_epochs=1,
-                                   learning_rate=1e-3, no_cuda=device != "cuda")
-        trainer = BaseTrainer(_pythae_vae(experiment), train_dataset=images, training_config=config)
+    config = BaseTrainerConfig(output_dir=out_dir, per_device_train_batch_size=batch, num_epochs=1,
+                               learning_rate=1e-3, no_cuda=device != "cuda")
+    trainer = BaseTrainer(_pythae_vae(experiment), train_dataset=images, training_config=config)
+    trainer.prepare_training()
+    epochs = iter(range(1, 10**6))
+
+    def rate() -> float:
+        sync(device)
         start = time.perf_counter()
-        trainer.train()
+        trainer.train_step(next(epochs))
+        sync(device)
         return steps * batch / (time.perf_counter() - start)
+    return rate
 
 
 def iw_throughput_case(device: str, num_samples: int, images: int, repeats: int) -> dict:
     """IS log-likelihood throughput, (datapoints x samples) / s, at equal K:
-    pyro-vae's evaluator against pythae's ``get_nll`` (one datapoint at a
-    time, samples in batches of 500) on the same networks.  Each is run once
-    untimed (its estimate; the first call's set-up, a GPU's handles and
-    kernels), then timed ``repeats`` times (median)."""
+    pyro-vae's evaluator, eager and compiled (``eval.compile``), against
+    pythae's ``get_nll`` (one datapoint at a time, samples in batches of 500)
+    on the same networks.  Each is run once untimed (its estimate; the first
+    call's set-up and compilation, a GPU's handles and kernels), then timed
+    ``repeats`` times (median)."""
     experiment = build(device)
     x = experiment.data["test"].batch(slice(0, images))
     model, guide = experiment.model, experiment.guide
@@ -397,12 +412,16 @@ def iw_throughput_case(device: str, num_samples: int, images: int, repeats: int)
     def rate(ms: float) -> int:
         return round(images * num_samples / (ms / 1000))
 
-    with torch.no_grad():
-        def ours() -> torch.Tensor:
-            return importance_log_likelihood(chunked_log_weights(model, guide, x, num_samples, CHUNK, NESTING)).mean()
+    compiled = CompiledCall(log_importance_weights, "the IS evaluator's log weights")
+    with torch.no_grad(), pyro.validation_enabled(False):
+        def ours(log_weights=log_importance_weights) -> torch.Tensor:
+            log_w = chunked_log_weights(model, guide, x, num_samples, CHUNK, NESTING, log_weights=log_weights)
+            return importance_log_likelihood(log_w).mean()
 
         out["nll_pyro_vae"] = round(-ours().item(), 2)
         out["pyro_vae"] = rate(median_ms(ours, device, repeats, 1))
+        out["nll_pyro_vae_compiled"] = round(-ours(compiled).item(), 2)
+        out["pyro_vae_compiled"] = rate(median_ms(lambda: ours(compiled), device, repeats, 1))
         if not pythae_installed():
             return out
         vae = _pythae_vae(experiment).to(device).eval()
@@ -413,6 +432,7 @@ def iw_throughput_case(device: str, num_samples: int, images: int, repeats: int)
         out["nll_pythae"] = round(-float(pythae()), 2)
         out["pythae_get_nll"] = rate(median_ms(pythae, device, repeats, 1))
         out["speedup_vs_pythae"] = round(out["pyro_vae"] / out["pythae_get_nll"], 1)
+        out["speedup_compiled_vs_pythae"] = round(out["pyro_vae_compiled"] / out["pythae_get_nll"], 1)
     return out
 
 

@@ -4,6 +4,7 @@ import json
 import tomli_w
 
 from conftest import TINY
+from pyro_vae import compiled
 from pyro_vae.cli import main
 
 
@@ -14,7 +15,7 @@ def test_list_prints_every_registered_name(capsys):
         assert f"  {name} " in out
 
 
-def test_train_then_evaluate(tmp_path, capsys):
+def test_train_then_evaluate(tmp_path, capsys, monkeypatch):
     config = tmp_path / "tiny.toml"
     config.write_text(tomli_w.dumps(TINY))
     run = tmp_path / "run"
@@ -37,6 +38,11 @@ def test_train_then_evaluate(tmp_path, capsys):
     assert [e["file"] for e in report["evaluations"]] == ["eval_test_K20_first100_epoch2.json",
                                                           "eval_test_K30_first40_epoch2.json"]
     assert report["eval"] == summary and report["epochs"] == 2  # the training summary is kept
+
+    compiled_chunks = []  # --compile routes the evaluator's chunks through torch.compile (counted, not compiled)
+    monkeypatch.setattr(compiled.torch, "compile", lambda fn, **kw: lambda *a: compiled_chunks.append(a[3]) or fn(*a))
+    assert main(["evaluate", str(run), "--iw-samples", "30", "--limit", "40", "--compile", "--quiet"]) == 0
+    assert json.loads(capsys.readouterr().out)["num_datapoints"] == 40 and sum(compiled_chunks) == 30 * 1
 
 
 def test_errors_are_one_line_messages(tmp_path, capsys):

@@ -98,17 +98,24 @@ def test_memory_is_bounded_by_chunk_not_by_k(lg):
 
 
 def test_auto_chunks_on_the_cpu_hold_about_4m_data_elements(lg, monkeypatch):
-    """chunk x B x dim(x) ~ CPU_CHUNK_ELEMENTS, at least one sample, at most K."""
+    """chunk x B x dim(x) ~ CPU_CHUNK_ELEMENTS, at least one sample, at most K;
+    the largest divisor of K down to half that, so that every chunk has one shape."""
     import pyro_vae.evaluate as evaluation
 
     model, x = lg  # 40 datapoints of dimension 5
-    assert cpu_chunk_size(torch.zeros(100, 1, 28, 28), 5000) == 4_000_000 // 78_400 == 51
-    assert cpu_chunk_size(torch.zeros(100, 1, 28, 28), 20) == 20
+    images = torch.zeros(100, 1, 28, 28)
+    assert 4_000_000 // 78_400 == 51
+    assert cpu_chunk_size(images, 5000) == 50  # 100 chunks of 50, not 98 of 51 and one of 2
+    assert cpu_chunk_size(images, 5001) == 51  # 3 x 1667: no divisor in 26..51, so 98 of 51 and one of 3
+    assert cpu_chunk_size(images, 1000) == 50
+    assert cpu_chunk_size(images, 1326) == 51  # 26 x 51
+    assert cpu_chunk_size(images, 52 * 26) == 26  # 1352 = 2^3 x 13^2: 26, the smallest allowed divisor
+    assert cpu_chunk_size(images, 20) == 20
     assert cpu_chunk_size(torch.zeros(10**7, 1), 5000) == 1
     monkeypatch.setattr(evaluation, "CPU_CHUNK_ELEMENTS", 10 * 5 * 30)
     recorder = _LargestLikelihood()
     result = evaluate(recorder(model), PosteriorGuide(model), x.split(10), num_samples=500, progress=False)
-    assert recorder.largest == 30 * 10 and result.log_likelihood.shape == (40,)
+    assert recorder.largest == 25 * 10 and result.log_likelihood.shape == (40,)  # 25: 500's divisor below 30
 
 
 def test_psis_khat_separates_good_and_bad_proposals(lg):
