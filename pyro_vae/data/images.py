@@ -34,6 +34,17 @@ Binarization = Literal["dynamic", "static", "threshold", "none", "dequantize"]
 LEVELS = 256
 
 
+def uniform_below(probs: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """``x ~ Bernoulli(p)`` per element as ``x = [u < p]``, ``u ~ U[0, 1)`` (1.0 or
+    0.0 in ``probs``' dtype): ``P(u < p) = p`` to the uniform's float resolution
+    (2^-24 in float32), 0 at ``p = 0`` and 1 at ``p = 1``.  What
+    :func:`torch.bernoulli` computes, drawn as one vectorised uniform: on the
+    CPU torch's ``bernoulli`` with a per-element ``p`` draws in a scalar loop,
+    1.1-1.5 ms for a batch of 100 MNIST images against 0.4-0.7 ms for this,
+    a tenth of a Burda training step."""
+    return torch.rand(probs.shape, dtype=probs.dtype, device=probs.device, generator=generator).lt_(probs)
+
+
 class ImageSplit:
     """One split: ``pixels`` of shape ``[N, *event_shape]`` on one device.
 
@@ -66,8 +77,8 @@ class ImageSplit:
             u = self.noise[index].to(x.dtype) if self.noise is not None else \
                 torch.rand(x.shape, device=x.device, generator=generator)
             return x.add_(u).div_(LEVELS)
-        if self.resample:
-            return torch.bernoulli(x.div_(255.0), generator=generator)
+        if self.resample:  # x ~ Bernoulli(v / 255) as [u < v / 255], u ~ U[0, 1)
+            return uniform_below(x.div_(255.0), generator)
         return x.div_(255.0) if self.gray else x
 
     def permutation(self, generator: Optional[torch.Generator] = None) -> torch.Tensor:
