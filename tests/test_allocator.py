@@ -14,9 +14,11 @@ from pyro_vae.allocator import OPT_OUT, keep_freed_memory
 GLIBC = platform.libc_ver()[0] == "glibc"
 BURDA = Path(__file__).parent.parent / "configs" / "mnist_burda.toml"
 
-# Minor page faults of the evaluator's second K=200 pass over 100 binary
-# images with Burda's untrained networks, in chunks of 51 samples
-# (~16 MiB of logits each).
+# Minor page faults of the evaluator's K=200 pass over 100 binary images
+# with Burda's untrained networks, in chunks of 51 samples (~16 MiB of logits
+# each): the fewer of the second and third passes (the kernel's own memory
+# management adds a few hundred faults to a pass at times: 687 once, in a
+# full test run).
 FAULTS_OF_AN_IS_PASS = """
 import resource, sys, torch
 from pyro_vae.allocator import keep_freed_memory
@@ -27,11 +29,14 @@ torch.set_num_threads(1)
 changed = keep_freed_memory()
 model, guide = build_model_and_guide(load_config(sys.argv[1]), {"event_shape": (1, 28, 28)})
 x = torch.rand(100, 1, 28, 28).round()
+faults = []
 with torch.no_grad():
     chunked_log_weights(model, guide, x, 200, 51, 1)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    chunked_log_weights(model, guide, x, 200, 51, 1)
-print(changed, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    for _ in range(2):
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        chunked_log_weights(model, guide, x, 200, 51, 1)
+        faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(changed, min(faults))
 """
 
 
