@@ -13,9 +13,9 @@ and checkpoints do not change.
 
 ``eval.compile`` compiles the IS evaluator's chunk the same way
 (:class:`CompiledCall` around :func:`~pyro_vae.traces.log_importance_weights`,
-called without gradients): the decoder's elementwise passes over the
-``[chunk, B, dim(x)]`` logits fuse into two loops, leaving the matrix
-products most of the time.
+called without gradients): the networks' and densities' elementwise passes,
+those over the ``[chunk, B, dim(x)]`` logits included, fuse into a few
+loops, leaving the matrix products most of the time.
 
 These calls run the eager ``forward``:
 

@@ -175,11 +175,12 @@ def test_the_train_compile_switch_compiles_the_objective(tiny_raw, tmp_path):
 
 
 # ------------------------------------------------------------------ the evaluator (eval.compile)
-def test_the_compiled_evaluator_gives_the_eager_log_weights():
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=requires_cuda)])
+def test_the_compiled_evaluator_gives_the_eager_log_weights(device):
     """Each chunk's log weights compiled whole: from the same generator state,
     the eager draws and weights, for two chunk shapes (the second recompiles)."""
-    model, guide = _parts()
-    x = torch.bernoulli(torch.full((8, 1, 6, 6), 0.3))
+    model, guide = _parts(device)
+    x = torch.bernoulli(torch.full((8, 1, 6, 6), 0.3, device=device))
     call = CompiledCall(log_importance_weights, "log weights")
     nesting = max_plate_nesting(model, guide, x)  # the evaluator's first-use work, eager (the one-latent-site check)
     with torch.no_grad(), pyro.validation_enabled(False):
