@@ -213,8 +213,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help='samples drawn at once (bounds memory); "auto": sized for the device')
     ev.add_argument("--batch-size", type=positive_int, help="datapoints evaluated at once")
     ev.add_argument("--compile", action="store_true",
-                    help="compile each chunk's log weights with torch.compile (10-20 s once; faster on long "
-                         "evaluations, e.g. K=5000; the config's eval.compile)")
+                    help="compile each chunk's log weights with torch.compile (7-20 s for the first chunk shape, "
+                         "once more for any other; faster on long evaluations, e.g. K=5000; the config's "
+                         "eval.compile)")
     ev.add_argument("--decompose", action="store_true",
                     help="split the KL into index-code MI, total correlation and dimension-wise KL over the split "
                          "(and the MIG where the data have known factors); draws traversals.png and kl_per_dim.png")

@@ -17,7 +17,7 @@ called without gradients): the networks' and densities' elementwise passes,
 those over the ``[chunk, B, dim(x)]`` logits included, fuse into a few
 loops, leaving the matrix products most of the time.
 
-These calls run the eager ``forward``:
+These calls of an objective run its eager ``forward``:
 
 - calls without gradients (the trainer's ``prepare``, which also does each
   objective's first-use work: the plate nesting, the one-latent-site check);
@@ -57,6 +57,10 @@ import torch._functorch.config
 
 log = logging.getLogger("pyro_vae")
 
+# capture and Inductor failures; with fullgraph=True the recompile limit (8 graphs per code object,
+# shared by every CompiledCall of one function) raises FailOnRecompileLimitHit, a plain Exception
+COMPILER_FAILURES = (torch._dynamo.exc.TorchDynamoException, torch._dynamo.exc.FailOnRecompileLimitHit)
+
 
 class CompiledCall:
     """``fn`` through :func:`torch.compile` whole (``fullgraph``, torch's own
@@ -79,7 +83,7 @@ class CompiledCall:
             with torch._dynamo.config.patch(allow_unspec_int_on_nn_module=True), \
                     torch._functorch.config.patch(force_non_lazy_backward_lowering=True):
                 return self.compiled(*args, **kwargs)
-        except torch._dynamo.exc.TorchDynamoException as exc:  # capture, recompile-limit or Inductor failures
+        except COMPILER_FAILURES as exc:
             message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
             log.warning("torch.compile cannot compile %s whole (%s: %s); it runs uncompiled",
                         self.what, type(exc).__name__, message)

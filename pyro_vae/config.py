@@ -91,7 +91,8 @@ class EvalConfig(_Strict):
     decompose: bool = Field(False, description="also split the KL into index-code MI, total correlation, "
                                                "dimension-wise KL (and MIG where the data have factors)")
     compile: bool = Field(False, description="run each chunk's log weights through torch.compile, whole "
-                                             "(one graph per chunk shape, compiled in 10-20 s; pyro_vae.evaluate)")
+                                             "(7-20 s for the first chunk shape, one dynamic-shape recompile "
+                                             "for any other; pyro_vae.evaluate)")
 
     @pydantic.field_validator("chunk_size", mode="before")
     @classmethod

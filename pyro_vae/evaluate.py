@@ -24,7 +24,8 @@ With ``compile`` each chunk's log weights run through :func:`torch.compile`
 whole (:class:`~pyro_vae.compiled.CompiledCall`): Inductor fuses the
 elementwise passes around the matrix products (the tanh layers, the
 Bernoulli log-density over the ``[chunk, B, dim(x)]`` logits) into a few
-loops, one graph per chunk shape.
+loops: a graph for the first chunk shape, one dynamic-shape graph for the
+others (a CUDA evaluation, whose probe chunk differs, compiles both).
 """
 from __future__ import annotations
 

@@ -139,7 +139,7 @@ def test_an_error_of_the_objective_itself_is_raised_not_taken_for_a_compiler_fai
 
 def test_an_annealed_objective_stays_compiled_as_its_step_advances():
     """The KL weight w(t) reads the training context's step: a graph input,
-    not a constant that recompiles each step (and after eight, gives up)."""
+    not a constant that recompiles each step (and after eight, falls back to eager)."""
     model, guide = _parts()
     options = {"kl_annealing": "linear", "anneal_steps": 20}
     objective = _objective("meanfield_elbo", options, model, guide)
@@ -223,3 +223,23 @@ def test_an_evaluator_that_cannot_be_captured_whole_runs_eagerly(caplog):
                           compile=True)
     assert caplog.text.count("torch.compile cannot compile the IS evaluator's log weights whole") == 1
     assert result.log_likelihood == pytest.approx(model.marginal().log_prob(x).numpy(), abs=1e-8)
+
+
+def test_the_recompile_limit_falls_back_to_eager(caplog):
+    """Past torch's recompile limit (8 graphs per function, shared by every
+    evaluator in the process; 1 here) fullgraph raises FailOnRecompileLimitHit,
+    not a TorchDynamoException: one warning, then the eager log weights."""
+    model, guide = _parts()
+    x = torch.bernoulli(torch.full((8, 1, 6, 6), 0.3))
+    call = CompiledCall(log_importance_weights, "log weights")
+    nesting = max_plate_nesting(model, guide, x)
+    torch._dynamo.reset()
+    with torch._dynamo.config.patch(recompile_limit=1), torch.no_grad(), pyro.validation_enabled(False), \
+            caplog.at_level(logging.WARNING, logger="pyro_vae"):
+        call(model, guide, x, 4, nesting)
+        torch.manual_seed(0)
+        log_w = call(model, guide, x[:5], 3, nesting)  # another shape: a recompile, past the limit
+        torch.manual_seed(0)
+        assert torch.equal(log_w, log_importance_weights(model, guide, x[:5], 3, nesting))
+    assert call.compiled is None
+    assert "torch.compile cannot compile log weights whole (FailOnRecompileLimitHit" in caplog.text
