@@ -34,7 +34,7 @@ Binarization = Literal["dynamic", "static", "threshold", "none", "dequantize"]
 LEVELS = 256
 
 
-def uniform_below(probs: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
+def bernoulli_by_uniform(probs: torch.Tensor, generator: Optional[torch.Generator] = None) -> torch.Tensor:
     """``x ~ Bernoulli(p)`` per element as ``x = [u < p]``, ``u ~ U[0, 1)`` (1.0 or
     0.0 in ``probs``' dtype): ``P(u < p) = p`` to the uniform's float resolution
     (2^-24 in float32), 0 at ``p = 0`` and 1 at ``p = 1``.  What
@@ -78,7 +78,7 @@ class ImageSplit:
                 torch.rand(x.shape, device=x.device, generator=generator)
             return x.add_(u).div_(LEVELS)
         if self.resample:  # x ~ Bernoulli(v / 255) as [u < v / 255], u ~ U[0, 1)
-            return uniform_below(x.div_(255.0), generator)
+            return bernoulli_by_uniform(x.div_(255.0), generator)
         return x.div_(255.0) if self.gray else x
 
     def permutation(self, generator: Optional[torch.Generator] = None) -> torch.Tensor:
