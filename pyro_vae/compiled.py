@@ -1,5 +1,8 @@
 """``train.compile`` and ``eval.compile``: an objective's loss, or the
-evaluator's log weights, through :func:`torch.compile`, whole.
+evaluator's log weights, through :func:`torch.compile`, whole.  (The
+trainer compiles more than the loss where it can: the whole step, in
+:mod:`pyro_vae.compiled_step`, on :class:`CompiledCall`; the compiled loss
+is its fallback.)
 
 For the contract's one-latent parts the trace core builds the traces without
 Pyro's handlers (:func:`pyro_vae.traces.direct_traces`), so an objective's
@@ -46,7 +49,7 @@ Inductor's own CPU generator (a Philox draw per element) was also slow:
 from __future__ import annotations
 
 import logging
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import pyro.distributions.util
 import pyro.poutine.util
@@ -65,23 +68,26 @@ COMPILER_FAILURES = (torch._dynamo.exc.TorchDynamoException, torch._dynamo.exc.F
 class CompiledCall:
     """``fn`` through :func:`torch.compile` whole (``fullgraph``, torch's own
     generator), where ``compiles()`` allows it and Pyro's validation is off;
-    the eager ``fn`` otherwise, and for good once capturing or compiling has
-    failed (one warning, naming ``what``)."""
+    ``eager`` (by default ``fn`` itself, uncompiled) otherwise, and for good
+    once capturing or compiling has failed (one warning, naming ``what``)."""
 
-    def __init__(self, fn: Callable[..., Any], what: str, compiles: Callable[[], bool] = lambda: True):
-        self.eager, self.what, self.compiles = fn, what, compiles
+    def __init__(self, fn: Callable[..., Any], what: str, compiles: Callable[[], bool] = lambda: True,
+                 eager: Optional[Callable[..., Any]] = None):
+        self.eager, self.what, self.compiles = eager or fn, what, compiles
         self.compiled: Callable[..., Any] | None = torch.compile(fn, fullgraph=True,
                                                                  options={"fallback_random": True})
+        # the step counter (annealing, capacity schedules) a graph input, not a constant that
+        # recompiles each step; torch.autograd.grad traced (the whole training step); a backward
+        # compiled now, inside this fallback, not lazily.  (Made once: ~15 us a call each.)
+        self.settings = (torch._dynamo.config.patch(allow_unspec_int_on_nn_module=True, trace_autograd_ops=True),
+                         torch._functorch.config.patch(force_non_lazy_backward_lowering=True))
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if (self.compiled is None or not self.compiles() or pyro.distributions.util.is_validation_enabled()
                 or pyro.poutine.util.is_validation_enabled()):
             return self.eager(*args, **kwargs)
         try:
-            # the step counter (annealing, capacity schedules) a graph input, not a constant that
-            # recompiles each step; a backward compiled now, inside this fallback, not lazily
-            with torch._dynamo.config.patch(allow_unspec_int_on_nn_module=True), \
-                    torch._functorch.config.patch(force_non_lazy_backward_lowering=True):
+            with self.settings[0], self.settings[1]:
                 return self.compiled(*args, **kwargs)
         except COMPILER_FAILURES as exc:
             message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""

@@ -67,7 +67,9 @@ class TrainConfig(_Strict):
     lr_schedule: Literal["constant", "burda", "cosine"] = Field(
         "constant", description="constant | burda (10^(-i/7) for 3^i epochs) | cosine (to 0 over train.epochs)")
     warmup_steps: int = Field(0, ge=0, description="steps of linear learning-rate warm-up")
-    compile: bool = Field(False, description="run the objective's loss through torch.compile, whole (pyro_vae.compiled)")
+    compile: bool = Field(False, description="run the training step through torch.compile, whole: the loss, its "
+                                             "gradient, the NaN check and the Adam update in one graph "
+                                             "(pyro_vae.compiled_step; the loss alone where that cannot be had)")
     direct_traces: bool = Field(True, description="build the traces of a one-latent model and a distribution guide "
                                                   "from their distributions, without Pyro's handlers (the same "
                                                   "traces and draws; false: always Pyro's)")

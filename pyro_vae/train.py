@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 
 from pyro_vae.checkpoint import describe, discard_newest, load_checkpoint, restore_weights, rng_state, save_checkpoint, set_rng_state
 from pyro_vae.compiled import compile_objective
+from pyro_vae.compiled_step import CompiledTrainStep, whole_step_unsupported
 from pyro_vae.config import ExperimentConfig
 from pyro_vae.distributed import Ranks, init_ranks
 from pyro_vae.divergence import DivergenceMonitor, GuardedOptimizer, locate_non_finite
@@ -119,9 +120,12 @@ class Progress:
         return len(self.history)
 
     def add(self, metrics: dict[str, torch.Tensor], batch_size: int) -> None:
-        """Per-datapoint batch means -> sums over datapoints."""
+        """Per-datapoint batch means -> sums over datapoints (in place, one call:
+        a step's ~5 metrics cost ~45 us as separate products and sums on the CPU)."""
         for name, value in metrics.items():
-            self.sums[name] = self.sums.get(name, 0.0) + value * batch_size
+            if name not in self.sums:
+                self.sums[name] = torch.zeros_like(value)
+        torch._foreach_add_([self.sums[name] for name in metrics], list(metrics.values()), alpha=batch_size)
         self.datapoints += batch_size
 
     def means(self) -> dict[str, float]:
@@ -144,11 +148,12 @@ class Trainer:
         self.train_split = experiment.data["train"].head(cfg.limit) if cfg.limit else experiment.data["train"]
         if cfg.compile:
             compile_objective(objective)
-            log.info("torch.compile: objective %s, compiled on its first step with gradients outside "
-                     "Pyro's validation", type(objective).__name__)
+            log.info("torch.compile: objective %s, its training step compiled whole on its first step "
+                     "outside Pyro's validation", type(objective).__name__)
         objective.prepare(self.train_split.batch(slice(0, 2)))
         self.optimizer = make_optimizer(objective.param_groups(), cfg.lr)
         self.guard = GuardedOptimizer(self.optimizer, objective, ranks)
+        self.compiled_step = self._compiled_step() if cfg.compile else None
         self.monitor = DivergenceMonitor(cfg.divergence_factor)
         self.steps_per_epoch = self.train_split.num_batches(cfg.batch_size)
         if ranks.active and 0 < len(self.train_split) % cfg.batch_size < ranks.world_size:
@@ -167,6 +172,14 @@ class Trainer:
             draw_batch=self._random_batch, valid=experiment.data["valid"])
         self.last_checkpoint = time.monotonic()
         self.last_checkpoint_step: Optional[int] = None  # context.step of this call's newest checkpoint
+
+    def _compiled_step(self) -> Optional[CompiledTrainStep]:
+        """``train.compile``'s whole step (:mod:`pyro_vae.compiled_step`), where it applies."""
+        reason = whole_step_unsupported(self.guard)
+        if reason:
+            log.info("torch.compile: the objective's forward alone, not the whole step: %s", reason)
+            return None
+        return CompiledTrainStep(self.objective, self.guard)
 
     def _random_batch(self) -> torch.Tensor:
         """``batch_size`` training datapoints drawn uniformly (with replacement), from the trainer's generator."""
@@ -275,7 +288,9 @@ class Trainer:
         own_state = {k: v.clone() for k, v in objective.own_state_dict().items()} if cfg.max_bad_steps else None
         self.guard.batch_size, self.guard.stop = x.shape[0], stop_requested
         try:
-            loss = train_step(objective, self.guard, x, validate=s.step_in_epoch == 0)
+            validate = s.step_in_epoch == 0
+            loss = self.compiled_step.step(x, validate) if self.compiled_step else \
+                train_step(objective, self.guard, x, validate)
             per_datapoint = self.guard.loss_per_datapoint if self.ranks.active else loss.item() / x.shape[0]
         except ValueError as exc:  # Pyro's validation found NaN distribution parameters: no update was made
             if "invalid values" not in str(exc):

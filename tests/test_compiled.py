@@ -154,7 +154,7 @@ def test_an_annealed_objective_stays_compiled_as_its_step_advances():
     assert wrapper.compiled is not None
 
 
-def test_the_train_compile_switch_compiles_the_objective(tiny_raw, tmp_path):
+def test_the_train_compile_switch_compiles_the_whole_step(tiny_raw, tmp_path):
     from pyro_vae.config import config_from_dict
     from pyro_vae.experiment import Experiment
     from pyro_vae.rundir import RunDir
@@ -167,9 +167,12 @@ def test_the_train_compile_switch_compiles_the_objective(tiny_raw, tmp_path):
     assert isinstance(wrapper, CompiledObjective)
     before = [p.clone() for p in experiment.model.parameters()]
     batches = [experiment.data["train"].batch(slice(i, i + 50)) for i in (0, 50)]
-    for batch in batches:  # the epoch's first step is validated (eager), the second compiled
+    whole = trainer.compiled_step.call
+    graph, calls = whole.compiled, []
+    whole.compiled = lambda *args: calls.append(1) or graph(*args)
+    for batch in batches:  # the epoch's first step is validated (eager), the second compiled whole
         trainer.step(batch)
-    assert wrapper.compiled is not None
+    assert wrapper.compiled is not None and whole.compiled is not None and calls == [1]
     assert trainer.state.datapoints == 100 and torch.isfinite(trainer.state.sums["loss"])
     assert not all(torch.equal(a, b) for a, b in zip(before, experiment.model.parameters()))
 

@@ -230,9 +230,8 @@ def test_nvil_uses_the_moments_of_earlier_batches_and_trains_its_baseline_by_squ
     with torch.no_grad():
         nvil.baseline.net.weight.zero_()
         nvil.baseline.net.bias.fill_(-2.0)
-        nvil.moments.mean.fill_(-3.0)
-        nvil.moments.var.fill_(16.0)
-        nvil.moments.count.fill_(7)
+    # the moments of 7 earlier batches, as a checkpoint restores them
+    nvil.moments.load_state_dict({"mean": torch.tensor(-3.0), "var": torch.tensor(16.0), "count": torch.tensor(7)})
     guide_params = list(guide.parameters())
     grads = {}
     for mode in ("eval", "train"):

@@ -113,6 +113,12 @@ class Objective(torch.nn.Module):
         optimizer.step()
         return loss.detach()
 
+    def takes_plain_step(self) -> bool:
+        """Whether the next :meth:`step` is the plain one (the loss, its
+        gradient, one optimizer step): the trainer may then compile it whole
+        (:mod:`pyro_vae.compiled_step`)."""
+        return type(self).step is Objective.step
+
     def end_epoch(self, valid) -> dict[str, float]:
         """Called by the trainer after each epoch with the valid split (an
         ``ImageSplit``/``TextSplit``); returns metrics for the epoch's row.

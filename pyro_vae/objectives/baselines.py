@@ -42,12 +42,11 @@ class RunningMoments(nn.Module):
         self.register_buffer("mean", torch.zeros(()))
         self.register_buffer("var", torch.ones(()))
         self.register_buffer("count", torch.zeros((), dtype=torch.long))
-        self._started: bool | None = None  # mirrors count > 0 on the host: no device sync a step
+        self._started = False  # mirrors count > 0 on the host: no device sync a step, nothing
+        # data-dependent for torch.compile to trace (set where the count is loaded)
 
     @property
     def started(self) -> bool:
-        if self._started is None:
-            self._started = bool(self.count > 0)
         return self._started
 
     @torch.no_grad()
@@ -71,7 +70,7 @@ class RunningMoments(nn.Module):
 
     def _load_from_state_dict(self, *args, **kwargs):
         super()._load_from_state_dict(*args, **kwargs)
-        self._started = None
+        self._started = bool(self.count > 0)
 
 
 class NeuralBaseline(nn.Module):

@@ -233,6 +233,9 @@ class MeanFieldELBO(Objective):
             self._check_phase(self.context.valid)
         return loss
 
+    def takes_plain_step(self) -> bool:
+        return not (self.aggressive and bool(self.aggressive_phase))
+
     def load_own_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         if self.aggressive and "unreported_mutual_information" not in state:  # a checkpoint from before mi_every
             state = {**state, "unreported_mutual_information": torch.tensor(float("nan"))}
