@@ -16,9 +16,10 @@ BURDA = Path(__file__).parent.parent / "configs" / "mnist_burda.toml"
 
 # Minor page faults of the evaluator's K=200 pass over 100 binary images
 # with Burda's untrained networks, in chunks of 51 samples (~16 MiB of logits
-# each): the fewer of the second and third passes (the kernel's own memory
-# management adds a few hundred faults to a pass at times: 687 once, in a
-# full test run).
+# each): the fewest of three passes after the first.  The kernel's proactive
+# reclaim (DAMON: kdamond runs on these machines) pages kept blocks out
+# between passes at times: 600-3,900 faults in a pass here, 1-3 otherwise,
+# against ~35,000 with glibc's default, which hands every block back.
 FAULTS_OF_AN_IS_PASS = """
 import resource, sys, torch
 from pyro_vae.allocator import keep_freed_memory
@@ -32,7 +33,7 @@ x = torch.rand(100, 1, 28, 28).round()
 faults = []
 with torch.no_grad():
     chunked_log_weights(model, guide, x, 200, 51, 1)
-    for _ in range(2):
+    for _ in range(3):
         before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         chunked_log_weights(model, guide, x, 200, 51, 1)
         faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
@@ -52,7 +53,7 @@ def test_an_importance_sampling_pass_reuses_freed_memory():
     afresh (tens of thousands of faults) unless freed blocks are kept."""
     changed, faults = faults_of_an_is_pass()
     assert changed == "True"
-    assert faults < 500, faults
+    assert faults < 10_000, faults
 
 
 @pytest.mark.skipif(not GLIBC, reason="mallopt is glibc's")
