@@ -103,12 +103,12 @@ class CompiledTrainStep:
                                  torch.is_grad_enabled, eager=self._guarded_update)
 
     def _made_state(self) -> list[list[dict[str, torch.Tensor]]]:
-        """The optimizer's state of each parameter, made as fused Adam makes it on its first step."""
-        dtype = torch.float64 if torch.get_default_dtype() == torch.float64 else torch.float32
+        """The optimizer's state of each parameter, made as fused Adam makes it on its first step
+        (its step count a float32 scalar on the parameter's device)."""
         for param in (p for group in self.groups for p in group):
             state = self.optimizer.state[param]
             if not state:
-                state["step"] = torch.zeros((), dtype=dtype, device=param.device)
+                state["step"] = torch.zeros((), dtype=torch.float32, device=param.device)
                 state["exp_avg"] = torch.zeros_like(param, memory_format=torch.preserve_format)
                 state["exp_avg_sq"] = torch.zeros_like(param, memory_format=torch.preserve_format)
         return [[self.optimizer.state[p] for p in group] for group in self.groups]
