@@ -49,6 +49,7 @@ Inductor's own CPU generator (a Philox draw per element) was also slow:
 from __future__ import annotations
 
 import logging
+import types
 from typing import Any, Callable, Optional
 
 import pyro.distributions.util
@@ -60,9 +61,23 @@ import torch._functorch.config
 
 log = logging.getLogger("pyro_vae")
 
-# capture and Inductor failures; with fullgraph=True the recompile limit (8 graphs per code object,
-# shared by every CompiledCall of one function) raises FailOnRecompileLimitHit, a plain Exception
+# capture and Inductor failures; with fullgraph=True the recompile limit (8 graphs per code object:
+# see with_own_code) raises FailOnRecompileLimitHit, a plain Exception
 COMPILER_FAILURES = (torch._dynamo.exc.TorchDynamoException, torch._dynamo.exc.FailOnRecompileLimitHit)
+
+
+def with_own_code(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn`` (a function or bound method) with a copy of its code object.
+    Dynamo keeps a function's graphs on its code object, at most 8
+    (``recompile_limit``): one trainer's step takes up to three (the first
+    step, the step counter made a graph input, a short last batch), so
+    without a code object of its own the third trainer of a process could
+    fall back to eager.  With one, each :class:`CompiledCall` has its own 8."""
+    if isinstance(fn, types.MethodType):
+        return types.MethodType(with_own_code(fn.__func__), fn.__self__)
+    copy = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
+    copy.__kwdefaults__, copy.__qualname__ = fn.__kwdefaults__, fn.__qualname__
+    return copy
 
 
 class CompiledCall:
@@ -74,7 +89,7 @@ class CompiledCall:
     def __init__(self, fn: Callable[..., Any], what: str, compiles: Callable[[], bool] = lambda: True,
                  eager: Optional[Callable[..., Any]] = None):
         self.eager, self.what, self.compiles = eager or fn, what, compiles
-        self.compiled: Callable[..., Any] | None = torch.compile(fn, fullgraph=True,
+        self.compiled: Callable[..., Any] | None = torch.compile(with_own_code(fn), fullgraph=True,
                                                                  options={"fallback_random": True})
         # the step counter (annealing, capacity schedules) a graph input, not a constant that
         # recompiles each step; torch.autograd.grad traced (the whole training step); a backward

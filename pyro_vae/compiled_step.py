@@ -104,7 +104,8 @@ class CompiledTrainStep:
 
     def _made_state(self) -> list[list[dict[str, torch.Tensor]]]:
         """The optimizer's state of each parameter, made as fused Adam makes it on its first step
-        (its step count a float32 scalar on the parameter's device)."""
+        (its step count a float32 scalar on the parameter's device); unlike torch, also for a
+        parameter that never gets a gradient (its state then stays at step 0)."""
         for param in (p for group in self.groups for p in group):
             state = self.optimizer.state[param]
             if not state:
@@ -114,9 +115,12 @@ class CompiledTrainStep:
         return [[self.optimizer.state[p] for p in group] for group in self.groups]
 
     def _update(self, x: torch.Tensor, lrs: torch.Tensor, states: list[list[dict[str, torch.Tensor]]],
-                constants: list[tuple[float, float, float]]) -> tuple[torch.Tensor, torch.Tensor]:
+                constants: list[tuple[float, float, float]]
+                ) -> tuple[torch.Tensor, torch.Tensor, tuple[Optional[torch.Tensor], ...]]:
         """The traced step: the eager ``forward`` (not a compiled one inside the graph), the
-        gradient, the check and the update; returns the detached loss and whether it updated.
+        gradient, the check and the update; returns the detached loss, whether it updated, and
+        the gradients (buffers the update needed anyway: a skipped step leaves them in ``.grad``,
+        where the trainer looks for the culprit).
         The groups' rates come as a tensor, their betas and eps as constants: nothing reads
         the optimizer's ``param_groups`` in the graph, whose guards would then take each rate
         as a constant and a schedule's every new rate would compile a new graph."""
@@ -133,15 +137,16 @@ class CompiledTrainStep:
                 grad_of = grads[start: start + len(group)]
                 start += len(group)
                 used = [k for k, grad in enumerate(grad_of) if grad is not None]  # Adam skips a parameter without one
-                guarded_adam_([group[k] for k in used], [grad_of[k] for k in used], [state[k] for k in used],
-                              lrs[i], beta1, beta2, eps, ok)
-        return loss.detach(), ok
+                if used:
+                    guarded_adam_([group[k] for k in used], [grad_of[k] for k in used], [state[k] for k in used],
+                                  lrs[i], beta1, beta2, eps, ok)
+        return loss.detach(), ok, grads
 
     def _guarded_update(self, x: torch.Tensor, lrs: torch.Tensor, states: list[list[dict[str, torch.Tensor]]],
-                        constants: list[tuple[float, float, float]]) -> tuple[torch.Tensor, bool]:
-        """The eager route: the objective's own step through the guard (fused Adam)."""
+                        constants: list[tuple[float, float, float]]) -> tuple[torch.Tensor, bool, None]:
+        """The eager route: the objective's own step through the guard (fused Adam; ``.grad`` set)."""
         loss = self.objective.step(x, self.guard)
-        return loss, not self.guard.skipped
+        return loss, not self.guard.skipped, None
 
     def _learning_rates(self) -> torch.Tensor:
         """The groups' current rates (a schedule moves them) as the graph's tensor input."""
@@ -156,7 +161,10 @@ class CompiledTrainStep:
             if not self.objective.takes_plain_step():  # (its own step, e.g. aggressive encoder updates)
                 return self.objective.step(x, self.guard)
             constants = [(*group["betas"], group["eps"]) for group in self.optimizer.param_groups]
-            loss, ok = self.call(x, self._learning_rates(), self._made_state(), constants)
+            loss, ok, grads = self.call(x, self._learning_rates(), self._made_state(), constants)
         self.guard.skipped = not bool(ok)
+        if self.guard.skipped and grads is not None:
+            for param, grad in zip((p for group in self.groups for p in group), grads):
+                param.grad = grad
         self.guard.stop_any = self.guard.stop
         return loss

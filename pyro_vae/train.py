@@ -153,7 +153,6 @@ class Trainer:
         objective.prepare(self.train_split.batch(slice(0, 2)))
         self.optimizer = make_optimizer(objective.param_groups(), cfg.lr)
         self.guard = GuardedOptimizer(self.optimizer, objective, ranks)
-        self.compiled_step = self._compiled_step() if cfg.compile else None
         self.monitor = DivergenceMonitor(cfg.divergence_factor)
         self.steps_per_epoch = self.train_split.num_batches(cfg.batch_size)
         if ranks.active and 0 < len(self.train_split) % cfg.batch_size < ranks.world_size:
@@ -166,6 +165,8 @@ class Trainer:
         self.resume_rng: Optional[dict[str, Any]] = None
         if state is not None:
             self._restore(state)
+        # (after the restore: the checkpoint's optimizer groups, e.g. not fused, decide)
+        self.compiled_step = self._compiled_step() if cfg.compile else None
         objective.context = TrainingContext(
             step=self.state.epoch * self.steps_per_epoch + self.state.step_in_epoch,
             epoch=self.state.epoch + 1, num_train=len(self.train_split), steps_per_epoch=self.steps_per_epoch,

@@ -113,7 +113,6 @@ def test_gaussian_latent_objectives_train_on_cuda_eager_and_compiled(objective, 
     the whole step, its Adam update included), for every objective of Gaussian
     latents; the compiled run's first-epoch loss is the eager run's (the same
     draws: ``fallback_random``)."""
-    torch._dynamo.reset()  # (each trainer's step is a new graph of one function: Dynamo allows 8)
     tiny_raw["objective"] = objective
     tiny_raw["train"].update(device="cuda", limit=300, compile=compile)
     experiment = Experiment.build(config_from_dict(tiny_raw))

@@ -58,7 +58,7 @@ def bernoulli_gray_levels(gray: torch.Tensor, dtype: torch.dtype,
     (which is exact only to the uniform's 2^-24), and 1.1-1.5 ms for
     torch's ``bernoulli`` with a per-pixel ``p`` (a scalar loop)."""
     lanes = random_lanes(gray.numel(), gray.device, generator)
-    while lanes.max() == LANE_TOP:
+    while lanes.numel() and lanes.max() == LANE_TOP:  # (one host sync a batch on a GPU)
         redrawn = lanes == LANE_TOP
         lanes[redrawn] = random_lanes(int(redrawn.sum()), gray.device, generator)
     # 257 v - 2^15, which fits int16 (v <= 255), computed in int16 arithmetic: its products and
