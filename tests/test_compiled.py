@@ -177,6 +177,29 @@ def test_the_train_compile_switch_compiles_the_whole_step(tiny_raw, tmp_path):
     assert not all(torch.equal(a, b) for a, b in zip(before, experiment.model.parameters()))
 
 
+def test_a_resumed_checkpoint_of_unfused_adam_keeps_the_eager_update(tiny_raw, tmp_path):
+    """The whole step is built after the resume: the checkpoint's optimizer
+    groups (here: Adam without the fused kernel) decide, not the new ones."""
+    from pyro_vae.checkpoint import load_checkpoint
+    from pyro_vae.config import config_from_dict
+    from pyro_vae.experiment import Experiment
+    from pyro_vae.rundir import RunDir
+    from pyro_vae.train import Trainer
+
+    tiny_raw["train"].update(compile=True, limit=200)
+    experiment = Experiment.build(config_from_dict(tiny_raw))
+    trainer = Trainer(experiment, RunDir(tmp_path), progress=False, verbose=False)
+    assert trainer.compiled_step is not None
+    trainer.step(experiment.data["train"].batch(slice(0, 50)))
+    trainer.checkpoint()
+    state = load_checkpoint(RunDir(tmp_path).checkpoint)
+    for group in state["optimizer"]["param_groups"]:
+        group["fused"] = False
+    resumed = Trainer(Experiment.build(config_from_dict(tiny_raw)), RunDir(tmp_path), state=state,
+                      progress=False, verbose=False)
+    assert resumed.compiled_step is None
+
+
 # ------------------------------------------------------------------ the evaluator (eval.compile)
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=requires_cuda)])
 def test_the_compiled_evaluator_gives_the_eager_log_weights(device):
