@@ -72,7 +72,9 @@ def _assert_same_state(compiled, guard, eager, eager_guard):
 
 @pytest.mark.parametrize("name, options, latent", [
     ("meanfield_elbo", {}, "gaussian"), ("trace_elbo", {}, "gaussian"), ("iwae", {"num_particles": 3}, "gaussian"),
-    ("nvil", {"baseline_lr": 0.05}, "bernoulli")])
+    ("nvil", {"baseline_lr": 0.05}, "bernoulli"),
+    ("meanfield_elbo", {"kl_annealing": "linear", "anneal_steps": 20}, "gaussian"),
+    ("capacity", {"anneal_steps": 10}, "gaussian")])
 @pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=requires_cuda)])
 def test_the_whole_step_is_the_eager_guarded_step(device, name, options, latent):
     """From the same generator state, five steps (the fourth validated, so
@@ -80,7 +82,7 @@ def test_the_whole_step_is_the_eager_guarded_step(device, name, options, latent)
     state) give the eager loss and metrics, and leave the eager parameters,
     Adam moments and step counts, and objective state (NVIL's running
     moments; its baseline in its own parameter group with its own learning
-    rate).  NVIL's first step is validated too, as the trainer validates an
+    rate; a KL weight and a capacity that move with the step).  NVIL's first step is validated too, as the trainer validates an
     epoch's first: that step centres the signal on its own batch, so the
     baseline's bias has a gradient of rounding noise, whose sign Adam's
     first step turns into a full step either way."""
@@ -88,6 +90,7 @@ def test_the_whole_step_is_the_eager_guarded_step(device, name, options, latent)
     validated = (0, 3) if name == "nvil" else (3,)
     for step in range(5):
         x = _batch(step, device)
+        compiled.context.step = eager.context.step = step  # (annealing and capacity schedules read it)
         torch.manual_seed(step)
         loss = stepper.step(x, validate=step in validated)
         torch.manual_seed(step)
