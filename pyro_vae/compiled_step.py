@@ -96,6 +96,7 @@ class CompiledTrainStep:
     def __init__(self, objective: Objective, guard: GuardedOptimizer):
         self.objective, self.guard, self.optimizer = objective, guard, guard.optimizer
         self.groups = [[p for p in group["params"] if p.requires_grad] for group in self.optimizer.param_groups]
+        self.params = [p for group in self.groups for p in group]  # (the gradients' order)
         self.lr_values: list[float] = []
         self.lrs = torch.zeros(len(self.groups), dtype=torch.float64,
                                device=self.groups[0][0].device if self.groups[0] else None)
@@ -106,7 +107,7 @@ class CompiledTrainStep:
         """The optimizer's state of each parameter, made as fused Adam makes it on its first step
         (its step count a float32 scalar on the parameter's device); unlike torch, also for a
         parameter that never gets a gradient (its state then stays at step 0)."""
-        for param in (p for group in self.groups for p in group):
+        for param in self.params:
             state = self.optimizer.state[param]
             if not state:
                 state["step"] = torch.zeros((), dtype=torch.float32, device=param.device)
@@ -126,7 +127,7 @@ class CompiledTrainStep:
         as a constant and a schedule's every new rate would compile a new graph."""
         objective = self.objective
         loss = type(objective).forward(objective, x)
-        grads = torch.autograd.grad(loss, [p for group in self.groups for p in group], allow_unused=True)
+        grads = torch.autograd.grad(loss, self.params, allow_unused=True)
         ok = torch.isfinite(loss)
         for grad in grads:
             if grad is not None:
@@ -164,7 +165,7 @@ class CompiledTrainStep:
             loss, ok, grads = self.call(x, self._learning_rates(), self._made_state(), constants)
         self.guard.skipped = not bool(ok)
         if self.guard.skipped and grads is not None:
-            for param, grad in zip((p for group in self.groups for p in group), grads):
+            for param, grad in zip(self.params, grads):
                 param.grad = grad
         self.guard.stop_any = self.guard.stop
         return loss

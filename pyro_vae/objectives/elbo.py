@@ -212,7 +212,7 @@ class MeanFieldELBO(Objective):
 
     def step(self, x: torch.Tensor, optimizer) -> torch.Tensor:
         """A joint step, or during the aggressive phase the guide's inner steps then the model's step."""
-        if not (self.aggressive and bool(self.aggressive_phase)):
+        if self.takes_plain_step():
             return super().step(x, optimizer)
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             raise ConfigError("meanfield_elbo's aggressive encoder updates run in one process only (torchrun: 1)")
@@ -234,6 +234,7 @@ class MeanFieldELBO(Objective):
         return loss
 
     def takes_plain_step(self) -> bool:
+        """Plain once the aggressive phase is over (or without one)."""
         return not (self.aggressive and bool(self.aggressive_phase))
 
     def load_own_state_dict(self, state: dict[str, torch.Tensor]) -> None:
