@@ -44,7 +44,9 @@ the same generator state, so its loss and gradients are the eager ones to
 float rounding (tested), and a compiled run follows the eager run's draws.
 Inductor's own CPU generator (a Philox draw per element) was also slow:
 ~350 us more than torch's for the 100 x 50 draw of a Burda training step,
-3-4% of the step.
+3-4% of the step.  Every compiled call also runs
+:class:`~pyro_vae.inductor_passes.BiasIntoPointwise` (a layer's bias added
+in the activation's loop on the CPU, not copied into the product's output).
 """
 from __future__ import annotations
 
@@ -58,6 +60,8 @@ import torch
 import torch._dynamo.config
 import torch._dynamo.exc
 import torch._functorch.config
+
+from pyro_vae.inductor_passes import BiasIntoPointwise
 
 log = logging.getLogger("pyro_vae")
 
@@ -89,8 +93,9 @@ class CompiledCall:
     def __init__(self, fn: Callable[..., Any], what: str, compiles: Callable[[], bool] = lambda: True,
                  eager: Optional[Callable[..., Any]] = None):
         self.eager, self.what, self.compiles = eager or fn, what, compiles
-        self.compiled: Callable[..., Any] | None = torch.compile(with_own_code(fn), fullgraph=True,
-                                                                 options={"fallback_random": True})
+        self.compiled: Callable[..., Any] | None = torch.compile(
+            with_own_code(fn), fullgraph=True,
+            options={"fallback_random": True, "post_grad_custom_post_pass": BiasIntoPointwise()})
         # the step counter (annealing, capacity schedules) a graph input, not a constant that
         # recompiles each step; torch.autograd.grad traced (the whole training step); a backward
         # compiled now, inside this fallback, not lazily.  (Made once: ~15 us a call each.)
