@@ -45,11 +45,13 @@ from pyro_vae.provenance import environment
 log = logging.getLogger("pyro_vae")
 
 
-def eval_name(split: str, num_samples: int, limit: Optional[int], checkpoint: str) -> str:
-    """``eval_test_K5000_epoch10`` or ``eval_test_K100_first500_epoch3_step120``:
-    an evaluation's file name says its settings and the checkpoint it
-    evaluated, so none overwrites another."""
-    return f"eval_{split}_K{num_samples}" + (f"_first{limit}" if limit else "") + f"_{checkpoint}"
+def eval_name(split: str, num_samples: int, limit: Optional[int], checkpoint: str,
+              matmul_precision: str = "ieee") -> str:
+    """``eval_test_K5000_epoch10``, ``eval_test_K100_first500_epoch3_step120``
+    or ``eval_test_K5000_bf16_epoch10``: an evaluation's file name says its
+    settings and the checkpoint it evaluated, so none overwrites another."""
+    return (f"eval_{split}_K{num_samples}" + (f"_first{limit}" if limit else "")
+            + (f"_{matmul_precision}" if matmul_precision != "ieee" else "") + f"_{checkpoint}")
 
 
 def checkpoint_tag(state: dict[str, Any]) -> str:
@@ -202,7 +204,8 @@ class RunDir:
         """Write ``eval_<settings>.json`` and ``.npz``, and append the summary
         to ``report.json``'s ``evaluations`` (``report``: fields to update
         besides).  Returns the summary as written (with its file name and time)."""
-        stem = eval_name(summary["split"], summary["iw_samples"], summary.get("limit"), summary["checkpoint"])
+        stem = eval_name(summary["split"], summary["iw_samples"], summary.get("limit"), summary["checkpoint"],
+                         summary.get("matmul_precision", "ieee"))
         summary = {**summary, "file": f"{stem}.json",
                    "evaluated": datetime.now(timezone.utc).isoformat(timespec="seconds")}
         self.write_json(f"{stem}.json", summary)

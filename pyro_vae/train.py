@@ -38,7 +38,7 @@ from pyro_vae.config import ExperimentConfig
 from pyro_vae.distributed import Ranks, init_ranks
 from pyro_vae.divergence import DivergenceMonitor, GuardedOptimizer, locate_non_finite
 from pyro_vae.errors import CheckpointError, ConfigError, TrainingDivergedError, TrainingInterrupted
-from pyro_vae.evaluate import Evaluation, evaluate, mean_elbo
+from pyro_vae.evaluate import Evaluation, MatmulPrecision, evaluate, mean_elbo
 from pyro_vae.ex_post import ex_post_prior, fit_ex_post_prior
 from pyro_vae.experiment import Experiment, resolve_device
 from pyro_vae.interrupt import StopRequests
@@ -459,7 +459,7 @@ def fit(experiment: Experiment, run: RunDir, state: Optional[dict[str, Any]] = N
 
 def evaluate_run(experiment: Experiment, split: str, num_samples: int, chunk_size: int,
                  batch_size: int, limit: int | None, progress: bool = True, decompose: bool = False,
-                 compile: bool = False) -> Evaluation:
+                 compile: bool = False, matmul_precision: MatmulPrecision = "ieee") -> Evaluation:
     """Evaluate the experiment's model/guide on (the first ``limit`` datapoints
     of) one split, timing it; with ``decompose``, also the KL decomposition
     over the same datapoints (:mod:`pyro_vae.decompose`) and, where the data
@@ -475,7 +475,7 @@ def evaluate_run(experiment: Experiment, split: str, num_samples: int, chunk_siz
     result = evaluate(
         experiment.model, experiment.guide, data.batches(batch_size), num_samples,
         chunk_size=chunk_size, num_batches=data.num_batches(batch_size), progress=progress,
-        outputs_per_value=experiment.data.outputs_per_value, compile=compile,
+        outputs_per_value=experiment.data.outputs_per_value, compile=compile, matmul_precision=matmul_precision,
     )
     if decompose:
         parts = decompose_split(experiment.model, experiment.guide, data.batches(batch_size), progress=progress)
@@ -576,7 +576,7 @@ def train_and_evaluate(config: ExperimentConfig, run_dir: str | Path, overwrite:
             save_latent_pictures(run, experiment)
         return report
     result = evaluate_run(experiment, ev.split, ev.iw_samples, ev.chunk_size, ev.batch_size, ev.limit, progress,
-                          decompose=ev.decompose, compile=ev.compile)
+                          decompose=ev.decompose, compile=ev.compile, matmul_precision=ev.matmul_precision)
     result.extra.update(epoch=len(history), checkpoint=checkpoint_tag({"epoch": len(history)}))
     report["wall_seconds_this_call"] = round(time.perf_counter() - start, 1)
     summary = record(run, result, report)

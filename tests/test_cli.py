@@ -44,6 +44,14 @@ def test_train_then_evaluate(tmp_path, capsys, monkeypatch):
     assert main(["evaluate", str(run), "--iw-samples", "30", "--limit", "40", "--compile", "--quiet"]) == 0
     assert json.loads(capsys.readouterr().out)["num_datapoints"] == 40 and sum(compiled_chunks) == 30 * 1
 
+    # bfloat16 products: recorded in the summary and in a file of their own, beside the float32 one
+    assert main(["evaluate", str(run), "--iw-samples", "30", "--limit", "40", "--matmul-precision", "bf16",
+                 "--quiet"]) == 0
+    reduced = json.loads(capsys.readouterr().out)
+    assert reduced["matmul_precision"] == "bf16" and reduced["file"] == "eval_test_K30_first40_bf16_epoch2.json"
+    assert json.loads((run / "eval_test_K30_first40_epoch2.json").read_text())["matmul_precision"] == "ieee"
+    assert abs(reduced["iw_nll"] - summary["iw_nll"]) < 0.5
+
 
 def test_errors_are_one_line_messages(tmp_path, capsys):
     config = tmp_path / "bad.toml"

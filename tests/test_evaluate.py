@@ -9,15 +9,19 @@ import torch
 from pyro.poutine.messenger import Messenger
 
 from linear_gaussian import LinearGaussianModel, MeanFieldGuide, PosteriorGuide
+from pyro_vae.config import config_from_dict
+from pyro_vae.errors import ConfigError
 from pyro_vae.evaluate import (
     chunk_sizes,
     chunked_log_weights,
     cpu_chunk_size,
     evaluate,
+    float32_matmul_precision,
     importance_log_likelihood,
     kl_per_dimension,
     mean_elbo,
 )
+from pyro_vae.experiment import Experiment
 
 
 @pytest.fixture
@@ -223,3 +227,36 @@ def test_batched_khat_is_arviz_psislw_to_float64_rounding(monkeypatch):
         assert np.isfinite(reference).sum() >= 40  # the comparison below is not vacuous
         finite = np.isfinite(reference)
         assert np.abs(ours[finite] - reference[finite]).max() < 1e-12 * max(1.0, np.abs(reference[finite]).max())
+
+
+def test_the_matmul_precision_applies_within_the_block_and_is_restored_after():
+    backend = torch.backends.mkldnn.matmul
+    backend.fp32_precision = "ieee"
+    with float32_matmul_precision("bf16", torch.device("cpu")):
+        assert backend.fp32_precision == "bf16"
+    assert backend.fp32_precision == "ieee"
+    with pytest.raises(RuntimeError, match="inside"), float32_matmul_precision("bf16", torch.device("cpu")):
+        raise RuntimeError("inside")
+    assert backend.fp32_precision == "ieee"
+
+
+def test_bf16_products_are_refused_on_a_gpu_with_the_fix():
+    with pytest.raises(ConfigError, match='"tf32"'), float32_matmul_precision("bf16", torch.device("cuda")):
+        pass
+
+
+def test_bf16_products_move_the_log_likelihood_of_a_float32_vae_by_a_small_fraction_of_a_nat(tiny_raw):
+    """The same draws (one seed) with float32 and bfloat16 products: the
+    estimates differ (the setting took effect) by rounding-sized amounts."""
+    experiment = Experiment.build(config_from_dict(tiny_raw), torch.device("cpu"))
+    x = experiment.data["test"].batch(slice(0, 50))
+    results = {}
+    for precision in ("ieee", "bf16"):
+        pyro.set_rng_seed(1)
+        results[precision] = evaluate(experiment.model, experiment.guide, [x], num_samples=200, chunk_size=100,
+                                      progress=False, matmul_precision=precision)
+        assert results[precision].summary()["matmul_precision"] == precision
+    difference = results["bf16"].log_likelihood - results["ieee"].log_likelihood
+    assert np.abs(difference).max() > 1e-4
+    assert np.abs(difference).max() < 0.1 and abs(difference.mean()) < 0.02
+    assert torch.backends.mkldnn.matmul.fp32_precision != "bf16"
