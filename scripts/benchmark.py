@@ -20,11 +20,13 @@ Cases, on Burda et al.'s MNIST architecture (784-200-200-50, tanh):
   the ``trace_elbo`` step, eager and compiled, vs its estimator (the KL by
   one sample) written by hand with PyTorch's default Adam.
 - ``pipeline``: training examples/s of whole pipelines (batches + steps):
-  pyro-vae's trainer, a hand-written step on the same batches, the style of
-  Pyro's VAE example (``DataLoader`` + ``SVI``), and pythae's ``BaseTrainer``
+  pyro-vae's trainer, a hand-written step on the same (dynamically binarized)
+  batches, pyro-vae's compiled trainer on images binarized once (as the next
+  two take them), the style of Pyro's VAE example (``DataLoader`` + ``SVI``), and pythae's ``BaseTrainer``
   (the optional ``benchmark`` extra; skipped with a message without it).
 - ``iw_throughput``: datapoints x samples / s of the IS log-likelihood at
-  K = 5000, pyro-vae's evaluator (eager, and with ``eval.compile``) against
+  K = 5000, pyro-vae's evaluator (eager, with ``eval.compile``, and compiled
+  with ``eval.matmul_precision`` bf16 on the CPU, tf32 on a GPU) against
   pythae's ``get_nll``.
 - ``iw_chunks``: the evaluator's throughput (datapoints x samples / s) by
   samples per chunk, ``auto`` included, on 100 test images;
@@ -62,7 +64,8 @@ import torch.nn.functional as F
 from pyro_vae.allocator import keep_freed_memory
 from pyro_vae.compiled import CompiledCall
 from pyro_vae.config import load_config
-from pyro_vae.evaluate import chunked_log_weights, cpu_chunk_size, importance_log_likelihood
+from pyro_vae.evaluate import (chunked_log_weights, cpu_chunk_size, float32_matmul_precision,
+                               importance_log_likelihood)
 from pyro_vae.experiment import Experiment, build_model_and_guide
 from pyro_vae.nn import Tanh
 from pyro_vae.rundir import RunDir
@@ -76,9 +79,11 @@ NESTING = 1  # plates of the Gaussian VAE: the data plate only
 CASES = ["train_step", "pipeline", "flop_limit", "iw_chunks", "iw_eval", "iw_throughput", "memory", "allocator"]
 
 
-def build(device: str, compile: bool = False, direct_traces: bool = True, objective: str = "meanfield_elbo") -> Experiment:
+def build(device: str, compile: bool = False, direct_traces: bool = True, objective: str = "meanfield_elbo",
+          binarization: str = "dynamic") -> Experiment:
     config = load_config(CONFIG, [f"objective.name={objective}", f"train.compile={str(compile).lower()}",
-                                  f"train.direct_traces={str(direct_traces).lower()}"])
+                                  f"train.direct_traces={str(direct_traces).lower()}",
+                                  f"data.binarization={binarization}"])
     return Experiment.build(config, torch.device(device))
 
 
@@ -253,7 +258,10 @@ def iw_case(device: str, repeats: int, num_samples: int) -> dict:
 def pipeline_case(device: str, steps: int, repeats: int) -> dict:
     """Training throughput of whole pipelines (data batches + steps), in
     examples/s, on the same model: pyro-vae's trainer, eager and with
-    ``train.compile = true``; the same data path with a hand-written step;
+    ``train.compile = true`` (dynamic binarization, as configured), and
+    compiled on images binarized once (``data.binarization = "static"``: the
+    work of the Pyro example's and pythae's pipelines, which take
+    pre-binarized images); the same data path with a hand-written step;
     the style of Pyro's VAE example (a ``DataLoader`` over a
     ``TensorDataset``, ``SVI`` with ``pyro.optim.Adam`` and ``Trace_ELBO``);
     and pythae's ``BaseTrainer`` (when installed).  The pipelines take turns
@@ -280,12 +288,13 @@ def pipeline_case(device: str, steps: int, repeats: int) -> dict:
         return rate
 
     def trainer_loop(trainer: Trainer) -> Callable[[], None]:
+        images = trainer.train_split  # (its binarization: the experiment's)
         for _ in range(3):
-            trainer.step(split.batch(batches[0], generator))  # compiles before the clock starts
+            trainer.step(images.batch(batches[0], generator))  # compiles before the clock starts
 
         def loop() -> None:
             for index in batches:
-                trainer.step(split.batch(index, generator))
+                trainer.step(images.batch(index, generator))
         return loop
 
     encoder, decoder = handwritten_networks(experiment)
@@ -312,6 +321,8 @@ def pipeline_case(device: str, steps: int, repeats: int) -> dict:
         pipelines = {
             "pyro_vae": timed(trainer_loop(Trainer(build(device), RunDir(scratch)))),
             "pyro_vae_compiled": timed(trainer_loop(Trainer(build(device, compile=True), RunDir(scratch)))),
+            "pyro_vae_compiled_static": timed(trainer_loop(
+                Trainer(build(device, compile=True, binarization="static"), RunDir(scratch)))),
             "handwritten_torch": timed(handwritten),
             "pyro_example_svi": timed(pyro_example),
         }
@@ -326,6 +337,9 @@ def pipeline_case(device: str, steps: int, repeats: int) -> dict:
         if key in out:
             out[f"speedup_vs_{key}"] = round(out["pyro_vae"] / out[key], 2)
             out[f"speedup_compiled_vs_{key}"] = round(out["pyro_vae_compiled"] / out[key], 2)
+    for key in ("pyro_example_svi", "pythae_trainer"):  # those two train on pre-binarized images
+        if key in out:
+            out[f"speedup_compiled_static_vs_{key}"] = round(out["pyro_vae_compiled_static"] / out[key], 2)
     return out
 
 
@@ -396,7 +410,9 @@ def pythae_epoch(experiment: Experiment, split, steps: int, batch: int, device: 
 
 def iw_throughput_case(device: str, num_samples: int, images: int, repeats: int) -> dict:
     """IS log-likelihood throughput, (datapoints x samples) / s, at equal K:
-    pyro-vae's evaluator, eager and compiled (``eval.compile``), against
+    pyro-vae's evaluator, eager and compiled (``eval.compile``), and compiled
+    with the products' operands rounded (``eval.matmul_precision``: bf16 on
+    the CPU, tf32 on a GPU; each estimate printed beside), against
     pythae's ``get_nll`` (one datapoint at a time, samples in batches of 500)
     on the same networks.  Each is run once untimed (its estimate; the first
     call's set-up and compilation, a GPU's handles and kernels), then timed
@@ -421,6 +437,10 @@ def iw_throughput_case(device: str, num_samples: int, images: int, repeats: int)
         out["nll_pyro_vae_compiled"] = round(-ours(compiled).item(), 2)
         out["pyro_vae_compiled"] = rate(median_ms(lambda: ours(compiled), device, repeats, 1))
         out["compiled_captured"] = compiled.compiled is not None  # False: the "compiled" row ran eagerly
+        reduced = "bf16" if device == "cpu" else "tf32"  # eval.matmul_precision: the products' operands rounded
+        with float32_matmul_precision(reduced, torch.device(device)):
+            out[f"nll_pyro_vae_compiled_{reduced}"] = round(-ours(compiled).item(), 2)
+            out[f"pyro_vae_compiled_{reduced}"] = rate(median_ms(lambda: ours(compiled), device, repeats, 1))
         if not pythae_installed():
             return out
         vae = _pythae_vae(experiment).to(device).eval()
@@ -432,6 +452,8 @@ def iw_throughput_case(device: str, num_samples: int, images: int, repeats: int)
         out["pythae_get_nll"] = rate(median_ms(pythae, device, repeats, 1))
         out["speedup_vs_pythae"] = round(out["pyro_vae"] / out["pythae_get_nll"], 1)
         out["speedup_compiled_vs_pythae"] = round(out["pyro_vae_compiled"] / out["pythae_get_nll"], 1)
+        out[f"speedup_compiled_{reduced}_vs_pythae"] = round(out[f"pyro_vae_compiled_{reduced}"]
+                                                             / out["pythae_get_nll"], 1)
     return out
 
 
