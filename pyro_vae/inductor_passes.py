@@ -23,19 +23,25 @@ from torch._inductor.custom_graph_pass import CustomGraphPass, get_hash_for_file
 from torch._inductor.utils import is_pointwise_use
 
 aten = torch.ops.aten
+FULL_PRECISION = (torch.float32, torch.float64)  # (in half precision the product would be rounded before the bias)
 
 
 class BiasIntoPointwise(CustomGraphPass):
-    """Rewrites ``addmm(b, x, W)`` (alpha = beta = 1) on the CPU into
-    ``mm(x, W) + b`` where every use of its output is pointwise."""
+    """Rewrites ``addmm(b, x, W)`` (alpha = beta = 1, float32 or float64) on
+    the CPU into ``mm(x, W) + b`` where every use of its output is pointwise.
+    (It takes Inductor's ``post_grad_custom_post_pass`` slot in the compiled
+    calls' options: a pass of one's own set there does not run in them.)"""
 
     def __call__(self, graph: torch.fx.Graph) -> None:
         for node in list(graph.find_nodes(op="call_function", target=aten.addmm.default)):
+            if len(node.args) != 3:
+                continue
             bias, mat1, mat2 = node.args
             value = node.meta.get("val")
-            if (value is None or value.device.type != "cpu" or node.kwargs.get("alpha", 1) != 1
-                    or node.kwargs.get("beta", 1) != 1 or not node.users
-                    or not all(is_pointwise_use(use) for use in node.users)):
+            if (value is None or value.device.type != "cpu" or value.dtype not in FULL_PRECISION
+                    or node.kwargs.get("alpha", 1) != 1 or node.kwargs.get("beta", 1) != 1
+                    or any(getattr(arg, "meta", {}).get("val") is None for arg in node.args)
+                    or not node.users or not all(is_pointwise_use(use) for use in node.users)):
                 continue
             with graph.inserting_before(node):
                 product = graph.call_function(aten.mm.default, (mat1, mat2))

@@ -54,6 +54,12 @@ def eval_name(split: str, num_samples: int, limit: Optional[int], checkpoint: st
             + (f"_{matmul_precision}" if matmul_precision != "ieee" else "") + f"_{checkpoint}")
 
 
+def float32_products(summary: dict[str, Any]) -> bool:
+    """Whether an evaluation's matrix products were float32 (``eval.matmul_precision = "ieee"``;
+    summaries written before the option were)."""
+    return summary.get("matmul_precision", "ieee") == "ieee"
+
+
 def checkpoint_tag(state: dict[str, Any]) -> str:
     """``epoch10`` (the end of epoch 10) or ``epoch3_step120`` (inside epoch 3)."""
     step = state.get("step_in_epoch", 0)
@@ -203,7 +209,9 @@ class RunDir:
                           report: Optional[dict[str, Any]] = None) -> dict[str, Any]:
         """Write ``eval_<settings>.json`` and ``.npz``, and append the summary
         to ``report.json``'s ``evaluations`` (``report``: fields to update
-        besides).  Returns the summary as written (with its file name and time)."""
+        besides); it becomes the report's ``eval`` unless it used reduced-precision
+        products (``eval.matmul_precision``) and a float32 evaluation is there.
+        Returns the summary as written (with its file name and time)."""
         stem = eval_name(summary["split"], summary["iw_samples"], summary.get("limit"), summary["checkpoint"],
                          summary.get("matmul_precision", "ieee"))
         summary = {**summary, "file": f"{stem}.json",
@@ -212,7 +220,8 @@ class RunDir:
         with self.atomic(f"{stem}_per_datapoint.npz") as tmp:
             np.savez(tmp, **per_datapoint)
         full = self.read_report() | (report or {})
-        full["eval"] = summary
+        if float32_products(summary) or not (full.get("eval") and float32_products(full["eval"])):
+            full["eval"] = summary
         full["evaluations"] = [*full.get("evaluations", []), summary]
         self.write_json("report.json", full)
         return summary

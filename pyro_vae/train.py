@@ -34,11 +34,11 @@ from tqdm.auto import tqdm
 from pyro_vae.checkpoint import describe, discard_newest, load_checkpoint, restore_weights, rng_state, save_checkpoint, set_rng_state
 from pyro_vae.compiled import compile_objective
 from pyro_vae.compiled_step import CompiledTrainStep, whole_step_unsupported
-from pyro_vae.config import ExperimentConfig
+from pyro_vae.config import ExperimentConfig, MatmulPrecision
 from pyro_vae.distributed import Ranks, init_ranks
 from pyro_vae.divergence import DivergenceMonitor, GuardedOptimizer, locate_non_finite
 from pyro_vae.errors import CheckpointError, ConfigError, TrainingDivergedError, TrainingInterrupted
-from pyro_vae.evaluate import Evaluation, MatmulPrecision, evaluate, mean_elbo
+from pyro_vae.evaluate import Evaluation, evaluate, matmul_precision_problem, mean_elbo
 from pyro_vae.ex_post import ex_post_prior, fit_ex_post_prior
 from pyro_vae.experiment import Experiment, resolve_device
 from pyro_vae.interrupt import StopRequests
@@ -542,6 +542,9 @@ def train_and_evaluate(config: ExperimentConfig, run_dir: str | Path, overwrite:
     ranks = init_ranks(device)
     experiment = Experiment.build(config, device)
     tensorboard = check_tensorboard(config.train.tensorboard)
+    if evaluate_after and config.eval.iw_samples and (
+            problem := matmul_precision_problem(config.eval.matmul_precision, experiment.device)):
+        raise ConfigError(problem)  # (before training, not after it)
     state = run.resume_state(config, overwrite=overwrite and ranks.is_main, from_previous=from_previous,
                              map_location=experiment.device)
     trainer = Trainer(experiment, run, state, progress, ranks=ranks)  # restores the checkpoint: a misfit is refused here

@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from pyro_vae import registry
-from pyro_vae.rundir import RunDir
+from pyro_vae.rundir import RunDir, float32_products
 
 
 def summarise(run: RunDir) -> dict:
@@ -48,13 +48,14 @@ def summarise(run: RunDir) -> dict:
 
 def headline_evaluation(report: dict) -> dict:
     """The run's evaluation to compare: of the latest checkpoint's
-    evaluations over a whole split, the test split's with the largest K, the newest of equals
+    evaluations over a whole split, the test split's with float32 products
+    (not ``eval.matmul_precision`` bf16 or tf32) and the largest K, the newest of equals
     (reports written before evaluations were kept have only ``eval``)."""
     evaluations = report.get("evaluations") or [report["eval"]]
     latest = max(e.get("epoch", 0) for e in evaluations)
     whole = [e for e in evaluations if not e.get("limit") and e.get("epoch", 0) == latest] or evaluations
     order = {id(e): i for i, e in enumerate(evaluations)}  # later in the list = newer (the clock has seconds only)
-    return max(whole, key=lambda e: (e["split"] == "test", e["iw_samples"], order[id(e)]))
+    return max(whole, key=lambda e: (e["split"] == "test", float32_products(e), e["iw_samples"], order[id(e)]))
 
 
 def table(rows: list[dict], labels: list[str]) -> str:

@@ -9,6 +9,7 @@ import torch
 from pyro.poutine.messenger import Messenger
 
 from linear_gaussian import LinearGaussianModel, MeanFieldGuide, PosteriorGuide
+from pyro_vae import evaluate as evaluate_module
 from pyro_vae.config import config_from_dict
 from pyro_vae.errors import ConfigError
 from pyro_vae.evaluate import (
@@ -20,8 +21,10 @@ from pyro_vae.evaluate import (
     importance_log_likelihood,
     kl_per_dimension,
     mean_elbo,
+    onednn_bf16,
 )
 from pyro_vae.experiment import Experiment
+from pyro_vae.train import train_and_evaluate
 
 
 @pytest.fixture
@@ -231,25 +234,43 @@ def test_batched_khat_is_arviz_psislw_to_float64_rounding(monkeypatch):
 
 def test_the_matmul_precision_applies_within_the_block_and_is_restored_after():
     backend = torch.backends.mkldnn.matmul
-    backend.fp32_precision = "ieee"
-    with float32_matmul_precision("bf16", torch.device("cpu")):
-        assert backend.fp32_precision == "bf16"
-    assert backend.fp32_precision == "ieee"
-    with pytest.raises(RuntimeError, match="inside"), float32_matmul_precision("bf16", torch.device("cpu")):
-        raise RuntimeError("inside")
-    assert backend.fp32_precision == "ieee"
+    original = backend.fp32_precision
+    try:
+        backend.fp32_precision = "none"  # (torch's default: whatever was set before is what comes back)
+        with float32_matmul_precision("ieee", torch.device("cpu")):
+            assert backend.fp32_precision == "ieee"
+        assert backend.fp32_precision == "none"
+        with pytest.raises(RuntimeError, match="inside"), float32_matmul_precision("ieee", torch.device("cpu")):
+            raise RuntimeError("inside")
+        assert backend.fp32_precision == "none"
+    finally:
+        backend.fp32_precision = original
 
 
-def test_bf16_products_are_refused_on_a_gpu_with_the_fix():
-    with pytest.raises(ConfigError, match='"tf32"'), float32_matmul_precision("bf16", torch.device("cuda")):
+@pytest.mark.parametrize("precision, device, fix", [("bf16", "cuda", '"tf32"'), ("tf32", "cpu", '"bf16"'),
+                                                    ("bf16", "cpu without avx-512", '"ieee"')])
+def test_a_precision_the_device_cannot_take_is_refused_with_the_fix(monkeypatch, precision, device, fix):
+    if device == "cpu without avx-512":
+        monkeypatch.setattr(evaluate_module, "onednn_bf16", lambda: False)
+        device = "cpu"
+    with pytest.raises(ConfigError, match=fix), float32_matmul_precision(precision, torch.device(device)):
         pass
 
 
+def test_a_precision_the_device_cannot_take_is_refused_before_training(tiny_raw, tmp_path):
+    tiny_raw["eval"]["matmul_precision"] = "tf32"
+    with pytest.raises(ConfigError, match="tf32"):
+        train_and_evaluate(config_from_dict(tiny_raw), tmp_path / "run", progress=False)
+    assert not (tmp_path / "run" / "checkpoint.pt").exists()
+
+
+@pytest.mark.skipif(not onednn_bf16(), reason="needs a CPU whose float32 products oneDNN takes (AVX-512)")
 def test_bf16_products_move_the_log_likelihood_of_a_float32_vae_by_a_small_fraction_of_a_nat(tiny_raw):
     """The same draws (one seed) with float32 and bfloat16 products: the
     estimates differ (the setting took effect) by rounding-sized amounts."""
     experiment = Experiment.build(config_from_dict(tiny_raw), torch.device("cpu"))
     x = experiment.data["test"].batch(slice(0, 50))
+    before = torch.backends.mkldnn.matmul.fp32_precision
     results = {}
     for precision in ("ieee", "bf16"):
         pyro.set_rng_seed(1)
@@ -259,4 +280,4 @@ def test_bf16_products_move_the_log_likelihood_of_a_float32_vae_by_a_small_fract
     difference = results["bf16"].log_likelihood - results["ieee"].log_likelihood
     assert np.abs(difference).max() > 1e-4
     assert np.abs(difference).max() < 0.1 and abs(difference.mean()) < 0.02
-    assert torch.backends.mkldnn.matmul.fp32_precision != "bf16"
+    assert torch.backends.mkldnn.matmul.fp32_precision == before

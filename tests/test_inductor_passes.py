@@ -41,11 +41,13 @@ def test_a_layer_whose_output_is_only_read_pointwise_adds_its_bias_after_the_pro
     torch.testing.assert_close(after(*layer_inputs()), layer(*layer_inputs()), rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("case", ["reduced", "multiplied", "scaled"])
-def test_an_addmm_read_by_anything_but_pointwise_ops_or_scaled_is_left_alone(case):
+@pytest.mark.parametrize("case", ["reduced", "multiplied", "scaled", "bfloat16"])
+def test_an_addmm_read_by_anything_but_pointwise_ops_scaled_or_in_half_precision_is_left_alone(case):
     def layer(x, w, b):
         if case == "scaled":
             return torch.addmm(b, x, w, beta=0.5).exp()
+        if case == "bfloat16":  # (mm + b would round the product before adding the bias)
+            return torch.addmm(b.bfloat16(), x.bfloat16(), w.bfloat16()).exp()
         out = torch.addmm(b, x, w)
         return out.sum(-1) if case == "reduced" else out @ w.T
 

@@ -51,6 +51,18 @@ def test_compare_runs_reports_the_headline_evaluation(tmp_path, capsys):
     assert "index-code MI" in decomposed[0] and "| n/a |" in decomposed[2] and "± " in decomposed[3]
 
 
+def test_the_headline_evaluation_is_one_with_float32_products():
+    """A newer evaluation with more samples but bf16 products (eval.matmul_precision) is not the headline."""
+    sys.path.insert(0, str(ROOT / "scripts"))
+    from compare_runs import headline_evaluation
+
+    float32 = {"split": "test", "iw_samples": 20, "epoch": 1, "matmul_precision": "ieee"}
+    older = {"split": "test", "iw_samples": 5, "epoch": 1}  # (written before the option: float32)
+    reduced = {"split": "test", "iw_samples": 5000, "epoch": 1, "matmul_precision": "bf16"}
+    assert headline_evaluation({"evaluations": [older, float32, reduced]}) is float32
+    assert headline_evaluation({"evaluations": [reduced]}) is reduced
+
+
 def test_collapse_study_quick_mode_writes_its_table_and_plots(tmp_path):
     """--quick trains each named run (a combination and the aggressive
     encoder, whose phase checks I(x; z) every tenth of an epoch, included) on 300 PTB
