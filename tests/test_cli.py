@@ -10,6 +10,16 @@ from pyro_vae.cli import main
 from pyro_vae.evaluate import onednn_bf16
 
 
+def trained_tiny_run(tmp_path, capsys):
+    """A run of the tiny config trained one epoch (and evaluated) by the command; its output discarded."""
+    config = tmp_path / "tiny.toml"
+    config.write_text(tomli_w.dumps(TINY))
+    run = tmp_path / "run"
+    assert main(["train", str(config), "--run-dir", str(run), "--quiet"]) == 0
+    capsys.readouterr()
+    return run
+
+
 def test_list_prints_every_registered_name(capsys):
     assert main(["list"]) == 0
     out = capsys.readouterr().out
@@ -49,11 +59,7 @@ def test_train_then_evaluate(tmp_path, capsys, monkeypatch):
 
 @pytest.mark.skipif(not onednn_bf16(), reason="needs a CPU whose float32 products oneDNN takes (AVX-512)")
 def test_an_evaluation_with_bf16_products_is_filed_beside_the_float32_one_not_over_it(tmp_path, capsys):
-    config = tmp_path / "tiny.toml"
-    config.write_text(tomli_w.dumps(TINY))
-    run = tmp_path / "run"
-    assert main(["train", str(config), "--run-dir", str(run), "--quiet"]) == 0
-    capsys.readouterr()
+    run = trained_tiny_run(tmp_path, capsys)
     float32 = json.loads((run / "report.json").read_text())["eval"]
     assert main(["evaluate", str(run), "--iw-samples", "20", "--limit", "100", "--matmul-precision", "bf16",
                  "--quiet"]) == 0
@@ -78,11 +84,7 @@ def test_errors_are_one_line_messages(tmp_path, capsys):
 
 
 def test_evaluate_takes_k_equal_one_and_refuses_bad_numbers(tmp_path, capsys):
-    config = tmp_path / "tiny.toml"
-    config.write_text(tomli_w.dumps(TINY))
-    run = tmp_path / "run"
-    assert main(["train", str(config), "--run-dir", str(run), "--quiet"]) == 0
-    capsys.readouterr()
+    run = trained_tiny_run(tmp_path, capsys)
     assert main(["evaluate", str(run), "--iw-samples", "1", "--limit", "20", "--quiet"]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert summary["iw_samples"] == 1 and summary["psis_khat"] is None
