@@ -83,7 +83,8 @@ def matmul_precision_problem(precision: MatmulPrecision, device: torch.device) -
         return ('eval.matmul_precision = "bf16" (--matmul-precision): this CPU has no AVX-512, so torch does not '
                 'give its float32 products to oneDNN and bfloat16 operands would change nothing; use "ieee"')
     if precision == "tf32" and device.type != "cuda":
-        return ('eval.matmul_precision = "tf32" (--matmul-precision) is for GPUs; on the CPU use "bf16" or "ieee"')
+        return ('eval.matmul_precision = "tf32" (--matmul-precision) is for GPUs; on the CPU use '
+                + ('"bf16" or "ieee"' if onednn_bf16() else '"ieee"'))
     return None
 
 

@@ -247,8 +247,8 @@ def test_the_matmul_precision_applies_within_the_block_and_is_restored_after():
         backend.fp32_precision = original
 
 
-@pytest.mark.parametrize("precision, device, fix", [("bf16", "cuda", '"tf32"'), ("tf32", "cpu", '"bf16"'),
-                                                    ("bf16", "cpu without avx-512", '"ieee"')])
+@pytest.mark.parametrize("precision, device, fix", [("bf16", "cuda", 'use "tf32"'), ("tf32", "cpu", 'on the CPU use'),
+                                                    ("bf16", "cpu without avx-512", 'no AVX-512.*use "ieee"')])
 def test_a_precision_the_device_cannot_take_is_refused_with_the_fix(monkeypatch, precision, device, fix):
     if device == "cpu without avx-512":
         monkeypatch.setattr(evaluate_module, "onednn_bf16", lambda: False)
