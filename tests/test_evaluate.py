@@ -8,6 +8,7 @@ import numpy as np
 import torch
 from pyro.poutine.messenger import Messenger
 
+from conftest import requires_cuda
 from linear_gaussian import LinearGaussianModel, MeanFieldGuide, PosteriorGuide
 from pyro_vae import evaluate as evaluate_module
 from pyro_vae.config import config_from_dict
@@ -264,20 +265,28 @@ def test_a_precision_the_device_cannot_take_is_refused_before_training(tiny_raw,
     assert not (tmp_path / "run" / "checkpoint.pt").exists()
 
 
-@pytest.mark.skipif(not onednn_bf16(), reason="needs a CPU whose float32 products oneDNN takes (AVX-512)")
-def test_bf16_products_move_the_log_likelihood_of_a_float32_vae_by_a_small_fraction_of_a_nat(tiny_raw):
-    """The same draws (one seed) with float32 and bfloat16 products: the
-    estimates differ (the setting took effect) by rounding-sized amounts."""
-    experiment = Experiment.build(config_from_dict(tiny_raw), torch.device("cpu"))
+@pytest.mark.parametrize("device, precision", [
+    pytest.param("cpu", "bf16", marks=pytest.mark.skipif(
+        not onednn_bf16(), reason="needs a CPU whose float32 products oneDNN takes (AVX-512)")),
+    pytest.param("cuda", "tf32", marks=requires_cuda),
+])
+def test_reduced_precision_products_move_the_log_likelihood_of_a_float32_vae_by_a_small_fraction_of_a_nat(
+        tiny_raw, device, precision):
+    """The same draws (one seed) with float32 and reduced-precision products:
+    the estimates differ by rounding-sized amounts (bf16: they do differ, the
+    setting took effect; TF32 changes nothing on a GPU without it), and the
+    backend's setting is restored after."""
+    backend = torch.backends.mkldnn.matmul if device == "cpu" else torch.backends.cuda.matmul
+    experiment = Experiment.build(config_from_dict(tiny_raw), torch.device(device))
     x = experiment.data["test"].batch(slice(0, 50))
-    before = torch.backends.mkldnn.matmul.fp32_precision
+    before = backend.fp32_precision
     results = {}
-    for precision in ("ieee", "bf16"):
+    for each in ("ieee", precision):
         pyro.set_rng_seed(1)
-        results[precision] = evaluate(experiment.model, experiment.guide, [x], num_samples=200, chunk_size=100,
-                                      progress=False, matmul_precision=precision)
-        assert results[precision].summary()["matmul_precision"] == precision
-    difference = results["bf16"].log_likelihood - results["ieee"].log_likelihood
-    assert np.abs(difference).max() > 1e-4
+        results[each] = evaluate(experiment.model, experiment.guide, [x], num_samples=200, chunk_size=100,
+                                 progress=False, matmul_precision=each)
+        assert results[each].summary()["matmul_precision"] == each
+    difference = results[precision].log_likelihood - results["ieee"].log_likelihood
+    assert precision != "bf16" or np.abs(difference).max() > 1e-4
     assert np.abs(difference).max() < 0.1 and abs(difference.mean()) < 0.02
-    assert torch.backends.mkldnn.matmul.fp32_precision == before
+    assert backend.fp32_precision == before
