@@ -333,14 +333,19 @@ def pipeline_case(device: str, steps: int, repeats: int) -> dict:
             for key, rate in pipelines.items():
                 rates[key].append(rate())
     out.update({key: round(statistics.median(r), 1) for key, r in rates.items()})
-    for key in ("handwritten_torch", "pyro_example_svi", "pythae_trainer"):
-        if key in out:
-            out[f"speedup_vs_{key}"] = round(out["pyro_vae"] / out[key], 2)
-            out[f"speedup_compiled_vs_{key}"] = round(out["pyro_vae_compiled"] / out[key], 2)
-    for key in ("pyro_example_svi", "pythae_trainer"):  # those two train on pre-binarized images
-        if key in out:
-            out[f"speedup_compiled_static_vs_{key}"] = round(out["pyro_vae_compiled_static"] / out[key], 2)
+    every = {key: key for key in ("handwritten_torch", "pyro_example_svi", "pythae_trainer")}
+    prebinarized = {key: key for key in ("pyro_example_svi", "pythae_trainer")}  # (they take pre-binarized images)
+    for ours, references in (("pyro_vae", every), ("pyro_vae_compiled", every), ("pyro_vae_compiled_static", prebinarized)):
+        out.update(speedups(out, ours, references, 2))
     return out
+
+
+def speedups(out: dict, ours: str, references: dict[str, str], digits: int) -> dict:
+    """``speedup[_<variant>]_vs_<name>``: the row ``ours`` (``pyro_vae[_<variant>]``) over the row
+    ``references[name]``, for each such row in ``out`` (throughputs: above 1, pyro-vae is faster)."""
+    variant = ours.removeprefix("pyro_vae")
+    return {f"speedup{variant}_vs_{name}": round(out[ours] / out[row], digits)
+            for name, row in references.items() if row in out}
 
 
 def _pythae_vae(experiment: Experiment):
@@ -454,11 +459,9 @@ def iw_throughput_case(device: str, num_samples: int, images: int, repeats: int)
 
         out["nll_pythae"] = round(-float(pythae()), 2)
         out["pythae_get_nll"] = rate(median_ms(pythae, device, repeats, 1))
-        out["speedup_vs_pythae"] = round(out["pyro_vae"] / out["pythae_get_nll"], 1)
-        out["speedup_compiled_vs_pythae"] = round(out["pyro_vae_compiled"] / out["pythae_get_nll"], 1)
-        if not problem:
-            out[f"speedup_compiled_{reduced}_vs_pythae"] = round(out[f"pyro_vae_compiled_{reduced}"]
-                                                                 / out["pythae_get_nll"], 1)
+        for ours in ("pyro_vae", "pyro_vae_compiled", f"pyro_vae_compiled_{reduced}"):
+            if ours in out:  # (the reduced row is skipped on a CPU without AVX-512)
+                out.update(speedups(out, ours, {"pythae": "pythae_get_nll"}, 1))
     return out
 
 
