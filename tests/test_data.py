@@ -138,10 +138,27 @@ def test_each_gray_level_binarizes_with_probability_exactly_v_over_255(monkeypat
     draws = iter([every.repeat(256), redrawn])
     monkeypatch.setattr(images, "random_lanes", lambda n, device, generator=None: next(draws)[:n].clone())
     v = torch.arange(256)
-    x = images.bernoulli_gray_levels(v.to(torch.uint8).repeat_interleave(2**16), torch.float64).reshape(256, 2**16)
+    thresholds = images.lane_thresholds(v.to(torch.uint8).repeat_interleave(2**16))
+    x = images.bernoulli_gray_levels(thresholds, torch.float64).reshape(256, 2**16)
     rejected = every == images.LANE_TOP
+    assert x.dtype == torch.float64
     assert torch.equal(x[:, ~rejected].sum(1), (257 * v).double())
     assert torch.equal(x[:, rejected].squeeze(1), (v > 0).double())
+
+
+def test_redrawn_lanes_take_fresh_lanes_in_position_order_until_none_is_the_top(monkeypatch):
+    """The lanes equal to 2^16 - 1, in several rows, get the fresh lanes in
+    ascending position order (what a mask assignment does, so the random
+    stream is the same); a fresh lane that is the top value again is redrawn."""
+    top = images.LANE_TOP
+    lanes = torch.zeros(4, 6, dtype=torch.int16)
+    lanes[0, 5], lanes[2, 1], lanes[2, 4], lanes[3, 0] = top, top, top, top
+    draws = iter([torch.tensor([11, top, 13, 14], dtype=torch.int16), torch.tensor([15], dtype=torch.int16)])
+    monkeypatch.setattr(images, "random_lanes", lambda n, device, generator=None: next(draws)[:n].clone())
+    images.redraw_top_lanes(lanes.view(-1), 4)
+    expected = torch.zeros(4, 6, dtype=torch.int16)
+    expected[0, 5], expected[2, 1], expected[2, 4], expected[3, 0] = 11, 15, 13, 14
+    assert torch.equal(lanes, expected)
 
 
 def test_dequantized_pixels_lie_in_their_bin_fresh_for_train_fixed_for_evaluation():
