@@ -81,8 +81,9 @@ def bernoulli_gray_levels(thresholds: torch.Tensor, dtype: torch.dtype,
 
     Four pixels a 64-bit draw, the comparison written straight into the
     output dtype (one pass; into ``bool`` then converted, three times as
-    long): on the CPU ~90 us for a batch of 100 MNIST images (53 of them
-    the draws), against 215 for a float uniform per pixel compared with
+    long): on the CPU ~115 us for a batch of 100 MNIST images (55 of them
+    the draws; ~240 between compiled training steps, which leave the
+    caches cold), against 215 for a float uniform per pixel compared with
     v / 255 (which is exact only to the uniform's 2^-24), and 1.1-1.5 ms
     for torch's ``bernoulli`` with a per-pixel ``p`` (a scalar loop)."""
     lanes = random_lanes(thresholds.numel(), thresholds.device, generator)
