@@ -27,7 +27,7 @@ def test_bernoulli_vector_shapes_mean_expand_and_support():
         BernoulliVector(torch.zeros(3, 4), validate_args=True).log_prob(torch.full((3, 4), 0.5))
 
 
-@pytest.mark.parametrize("dim", [784, 787, 4096, 1])  # groups of 56, of 1 (787 is prime), of 64, of 1
+@pytest.mark.parametrize("dim", [784, 787, 4096, 1])  # groups of 112, of 1 (787 is prime), of 64, of 1
 def test_bernoulli_log_prob_matches_float64_on_extreme_logits(dim):
     """sum_d [x_d l_d - softplus(l_d)], the softplus by grouped products,
     against float64: error at float32 rounding, for logits from -1e30 to
@@ -48,6 +48,21 @@ def test_bernoulli_log_prob_matches_float64_on_extreme_logits(dim):
     # (two samples of the logits for one datapoint: the grouped path, not torch's fused kernel)
     beside = bernoulli_log_prob(torch.tensor([[[1e30, 1.0]], [[1.0, 1e30]]]), torch.tensor([[1.0, 0.0]]))
     assert beside[0].item() == pytest.approx(-math.log1p(math.e), rel=1e-6) and beside[1].item() == -torch.tensor(1e30).item()
+
+
+def test_compiled_bernoulli_log_prob_matches_float64_on_extreme_logits():
+    """Compiled (Inductor), the grouped path takes its other form, minus the
+    log of each group's product of 1 + e^{-|l|}: against float64 for samples
+    of logits ``[K, 1, D]`` from -1e30 to 1e30 and exactly 0 (a group of
+    112 factors of 2: 2^112, inside float32's range), at x = 0, 1 and random."""
+    dim = 784
+    logits = torch.cat([torch.randn(50, dim) * 8,
+                        torch.tensor([0.0, 100.0, -100.0, 1e30, -1e30, 20.0, -20.0]).repeat_interleave(dim).reshape(7, dim)])
+    compiled = torch.compile(bernoulli_log_prob, fullgraph=True)
+    for value in (torch.zeros(1, dim), torch.ones(1, dim), torch.bernoulli(torch.full((1, dim), 0.5))):
+        exact = (value.double() * logits.double() - torch.nn.functional.softplus(logits.double())).sum(-1)
+        actual = compiled(logits.unsqueeze(1), value).squeeze(1)
+        assert torch.all((actual.double() - exact).abs() <= 1e-6 * exact.abs().clamp(min=1.0) * dim ** 0.5)
 
 
 @pytest.mark.parametrize("logit_shape,value_shape", [((2, 6), (2, 6)), ((1, 2, 6), (2, 6)), ((3, 2, 6), (2, 6)),

@@ -60,9 +60,12 @@ def redraw_top_lanes(lanes: torch.Tensor, rows: int, generator: Optional[torch.G
     rows' maxima first, then only the rows that hold the value (~22 us for
     a batch of 100 MNIST images, against ~55 for a mask over every lane:
     torch's CPU comparisons into ``bool`` and its index reductions are not
-    vectorised, its ``max`` is).  One host sync a pass on a GPU."""
+    vectorised, its ``max`` is).  On a GPU, one host sync a batch without
+    such a lane, three a pass with one."""
+    if not lanes.numel():
+        return
     table = lanes.view(rows, -1)
-    while lanes.numel() and lanes.max() == LANE_TOP:
+    while lanes.max() == LANE_TOP:
         hit_rows = (table.amax(1) == LANE_TOP).nonzero().squeeze(1)
         row_in_hits, column = (table.index_select(0, hit_rows) == LANE_TOP).nonzero().unbind(1)
         table.index_put_((hit_rows.index_select(0, row_in_hits), column),
@@ -80,12 +83,12 @@ def bernoulli_gray_levels(thresholds: torch.Tensor, dtype: torch.dtype,
     2^-16: 1.2 of a batch of 100 MNIST images on average).
 
     Four pixels a 64-bit draw, the comparison written straight into the
-    output dtype (one pass; into ``bool`` then converted, three times as
-    long): on the CPU ~115 us for a batch of 100 MNIST images (55 of them
-    the draws; ~240 between compiled training steps, which leave the
-    caches cold), against 215 for a float uniform per pixel compared with
-    v / 255 (which is exact only to the uniform's 2^-24), and 1.1-1.5 ms
-    for torch's ``bernoulli`` with a per-pixel ``p`` (a scalar loop)."""
+    output dtype (one pass; into ``bool`` then converted, ~2.5x as long):
+    on the CPU ~115 us for a batch of 100 MNIST images (55 of them the
+    draws; ~240 between compiled training steps, which leave the caches
+    cold), against ~200 for the draws alone of a float uniform per pixel
+    to compare with v / 255 (which is exact only to the uniform's 2^-24),
+    and ~1 ms for torch's ``bernoulli`` with a per-pixel ``p`` (a scalar loop)."""
     lanes = random_lanes(thresholds.numel(), thresholds.device, generator)
     redraw_top_lanes(lanes, len(thresholds) if thresholds.dim() else 1, generator)
     ones = torch.empty(thresholds.shape, dtype=dtype, device=thresholds.device)
