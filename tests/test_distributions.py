@@ -51,10 +51,10 @@ def test_bernoulli_log_prob_matches_float64_on_extreme_logits(dim):
 
 
 def test_compiled_bernoulli_log_prob_matches_float64_on_extreme_logits():
-    """Compiled (Inductor), the grouped path takes its other form, minus the
-    log of each group's product of 1 + e^{-|l|}: against float64 for samples
-    of logits ``[K, 1, D]`` from -1e30 to 1e30 and exactly 0 (a group of
-    112 factors of 2: 2^112, inside float32's range), at x = 0, 1 and random."""
+    """Compiled (Inductor: the grouped path's out-of-place form), against
+    float64 for samples of logits ``[K, 1, D]`` from -1e30 to 1e30 and
+    exactly 0 (a group of 112 factors of 1/2: 2^-112, inside float32's
+    normal range), at x = 0, 1 and random."""
     dim = 784
     logits = torch.cat([torch.randn(50, dim) * 8,
                         torch.tensor([0.0, 100.0, -100.0, 1e30, -1e30, 20.0, -20.0]).repeat_interleave(dim).reshape(7, dim)])
