@@ -138,7 +138,7 @@ class ImageSplit:
             return bernoulli_gray_levels(take(self.thresholds, index), torch.get_default_dtype(), generator)
         x = take(self.pixels, index).to(torch.get_default_dtype())
         if self.dequantize:
-            u = self.noise[index].to(x.dtype) if self.noise is not None else \
+            u = take(self.noise, index).to(x.dtype) if self.noise is not None else \
                 torch.rand(x.shape, device=x.device, generator=generator)
             return x.add_(u).div_(LEVELS)
         return x.div_(255.0) if self.gray else x
