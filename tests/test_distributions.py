@@ -27,6 +27,18 @@ def test_bernoulli_vector_shapes_mean_expand_and_support():
         BernoulliVector(torch.zeros(3, 4), validate_args=True).log_prob(torch.full((3, 4), 0.5))
 
 
+def extreme_logits(dim):
+    """57 rows of logits: 50 random (sd 8), then each of 0, +-100, +-1e30, +-20 across the row."""
+    return torch.cat([torch.randn(50, dim) * 8,
+                      torch.tensor([0.0, 100.0, -100.0, 1e30, -1e30, 20.0, -20.0]).repeat_interleave(dim).reshape(7, dim)])
+
+
+def assert_float32_rounding_of_float64(actual, logits, value):
+    """``actual`` is sum_d [x_d l_d - softplus(l_d)] computed in float64, to float32 rounding."""
+    exact = (value.double() * logits.double() - torch.nn.functional.softplus(logits.double())).sum(-1)
+    assert torch.all((actual.double() - exact).abs() <= 1e-6 * exact.abs().clamp(min=1.0) * logits.shape[-1] ** 0.5)
+
+
 @pytest.mark.parametrize("dim", [784, 787, 4096, 1])  # groups of 112, of 1 (787 is prime), of 64, of 1
 def test_bernoulli_log_prob_matches_float64_on_extreme_logits(dim):
     """sum_d [x_d l_d - softplus(l_d)], the softplus by grouped products,
@@ -34,13 +46,11 @@ def test_bernoulli_log_prob_matches_float64_on_extreme_logits(dim):
     1e30 and exactly 0, at x = 0 (the log-normaliser alone) and x = 1
     broadcast over the logits, and at random x of the logits' shape (torch's
     fused kernel)."""
-    logits = torch.cat([torch.randn(50, dim) * 8,
-                        torch.tensor([0.0, 100.0, -100.0, 1e30, -1e30, 20.0, -20.0]).repeat_interleave(dim).reshape(7, dim)])
+    logits = extreme_logits(dim)
     for value in (torch.zeros(dim), torch.ones(dim), torch.bernoulli(torch.full(logits.shape, 0.5))):  # [D]; [B, D]
-        exact = (value.double() * logits.double() - torch.nn.functional.softplus(logits.double())).sum(-1)
         actual = bernoulli_log_prob(logits, value)
         assert actual.dtype == torch.float32 and actual.shape == (57,)
-        assert torch.all((actual.double() - exact).abs() <= 1e-6 * exact.abs().clamp(min=1.0) * dim ** 0.5)
+        assert_float32_rounding_of_float64(actual, logits, value)
     assert bernoulli_log_prob(torch.tensor([[1e30, -1e30]]), torch.tensor([1.0, 0.0])).item() == 0.0
     assert bernoulli_log_prob(torch.tensor([[1e30, -1e30]]), torch.tensor([0.0, 0.0])).item() == -torch.tensor(1e30).item()
     assert torch.isnan(bernoulli_log_prob(torch.tensor([[math.nan, 0.0]]), torch.zeros(2))).all()
@@ -56,13 +66,10 @@ def test_compiled_bernoulli_log_prob_matches_float64_on_extreme_logits():
     exactly 0 (a group of 112 factors of 1/2: 2^-112, inside float32's
     normal range), at x = 0, 1 and random."""
     dim = 784
-    logits = torch.cat([torch.randn(50, dim) * 8,
-                        torch.tensor([0.0, 100.0, -100.0, 1e30, -1e30, 20.0, -20.0]).repeat_interleave(dim).reshape(7, dim)])
+    logits = extreme_logits(dim)
     compiled = torch.compile(bernoulli_log_prob, fullgraph=True)
     for value in (torch.zeros(1, dim), torch.ones(1, dim), torch.bernoulli(torch.full((1, dim), 0.5))):
-        exact = (value.double() * logits.double() - torch.nn.functional.softplus(logits.double())).sum(-1)
-        actual = compiled(logits.unsqueeze(1), value).squeeze(1)
-        assert torch.all((actual.double() - exact).abs() <= 1e-6 * exact.abs().clamp(min=1.0) * dim ** 0.5)
+        assert_float32_rounding_of_float64(compiled(logits.unsqueeze(1), value).squeeze(1), logits, value)
 
 
 @pytest.mark.parametrize("logit_shape,value_shape", [((2, 6), (2, 6)), ((1, 2, 6), (2, 6)), ((3, 2, 6), (2, 6)),
