@@ -23,6 +23,7 @@ Cases, on Burda et al.'s MNIST architecture (784-200-200-50, tanh):
   pyro-vae's trainer, a hand-written step on the same (dynamically binarized)
   batches, pyro-vae's compiled trainer on images binarized once (as the next
   two take them), the style of Pyro's VAE example (``DataLoader`` + ``SVI``), and pythae's ``BaseTrainer``
+  on images binarized once and on images its dataset binarizes when loaded
   (the optional ``benchmark`` extra; skipped with a message without it).
 - ``iw_throughput``: datapoints x samples / s of the IS log-likelihood at
   K = 5000, pyro-vae's evaluator (eager, with ``eval.compile``, and compiled
@@ -264,7 +265,9 @@ def pipeline_case(device: str, steps: int, repeats: int) -> dict:
     pre-binarized images); the same data path with a hand-written step;
     the style of Pyro's VAE example (a ``DataLoader`` over a
     ``TensorDataset``, ``SVI`` with ``pyro.optim.Adam`` and ``Trace_ELBO``);
-    and pythae's ``BaseTrainer`` (when installed).  The pipelines take turns
+    and pythae's ``BaseTrainer`` (when installed) on images binarized once,
+    and binarized by its dataset each time they are loaded (the dynamic
+    binarization's work, as a pythae user writes it).  The pipelines take turns
     for ``repeats`` rounds (each round ``steps`` steps of each); the median
     round of each is reported."""
     from pyro.infer import SVI, Trace_ELBO
@@ -328,12 +331,14 @@ def pipeline_case(device: str, steps: int, repeats: int) -> dict:
         }
         if pythae_installed():
             pipelines["pythae_trainer"] = timed(pythae_epoch(experiment, split, steps, batch, device, scratch))
+            pipelines["pythae_trainer_dynamic"] = timed(
+                pythae_epoch(experiment, split, steps, batch, device, scratch, dynamic=True))
         rates = {key: [] for key in pipelines}
         for _ in range(repeats):  # in turns, so drifts in machine load hit every pipeline
             for key, rate in pipelines.items():
                 rates[key].append(rate())
     out.update({key: round(statistics.median(r), 1) for key, r in rates.items()})
-    every = {key: key for key in ("handwritten_torch", "pyro_example_svi", "pythae_trainer")}
+    every = {key: key for key in ("handwritten_torch", "pyro_example_svi", "pythae_trainer", "pythae_trainer_dynamic")}
     prebinarized = {key: key for key in ("pyro_example_svi", "pythae_trainer")}  # (they take pre-binarized images)
     for ours, references in (("pyro_vae", every), ("pyro_vae_compiled", every), ("pyro_vae_compiled_static", prebinarized)):
         out.update(speedups(out, ours, references, 2))
@@ -388,19 +393,31 @@ def pythae_installed() -> bool:
     return True
 
 
-def pythae_epoch(experiment: Experiment, split, steps: int, batch: int, device: str, out_dir: str
-                 ) -> Callable[[], None]:
+def pythae_epoch(experiment: Experiment, split, steps: int, batch: int, device: str, out_dir: str,
+                 dynamic: bool = False) -> Callable[[], None]:
     """One epoch of pythae's ``BaseTrainer`` over ``steps * batch`` images, as
     a loop to time: the trainer is built and prepared once (optimizer, output
     folder, callbacks: what ``train()`` does first), and each call runs its
     epoch loop, ``train_step`` (its DataLoader's batches, forward, Adam step,
     the loss read and NaN check), not the set-up, logging and model saving
-    around it in ``train()``."""
-    from pythae.data.datasets import BaseDataset
+    around it in ``train()``.  The images are binarized once, as pythae's
+    datasets take them, or with ``dynamic`` each time one is loaded: pythae
+    has no dynamic binarization, so the dataset does it as a pythae user
+    would write it, ``torch.bernoulli`` of the gray levels in
+    ``__getitem__`` (the work of pyro-vae's ``data.binarization = "dynamic"``)."""
+    from pythae.data.datasets import BaseDataset, DatasetOutput
     from pythae.trainers import BaseTrainer, BaseTrainerConfig
 
-    pixels = torch.bernoulli(split.pixels[: steps * batch].float().cpu() / 255)
-    images = BaseDataset(pixels, torch.zeros(len(pixels)))
+    class GrayLevels(BaseDataset):
+        """Gray levels in [0, 1], each image drawn ``x ~ Bernoulli(gray)`` when loaded."""
+
+        def __getitem__(self, index):
+            item = super().__getitem__(index)
+            return DatasetOutput(data=torch.bernoulli(item.data), labels=item.labels)
+
+    gray = split.pixels[: steps * batch].float().cpu() / 255
+    images = (GrayLevels if dynamic else BaseDataset)(gray if dynamic else torch.bernoulli(gray),
+                                                      torch.zeros(len(gray)))
     config = BaseTrainerConfig(output_dir=out_dir, per_device_train_batch_size=batch, num_epochs=1,
                                learning_rate=1e-3, no_cuda=device != "cuda")
     trainer = BaseTrainer(_pythae_vae(experiment), train_dataset=images, training_config=config)
@@ -520,7 +537,8 @@ def flop_limit_case(device: str, train_step: dict, pipeline: dict) -> dict:
            "step_matmul_gflop": round(flops / 1e9, 3), "floor_ms": float(f"{floor_ms:.3g}")}
     for key in ("pyro_vae_ms", "pyro_vae_compiled_ms", "handwritten_torch_ms", "handwritten_torch_fused_adam_ms"):
         out[f"{key.removesuffix('_ms')}_x_floor"] = round(train_step[key] / floor_ms, 2)
-    for key in ("pyro_vae", "pyro_vae_compiled", "handwritten_torch", "pyro_example_svi", "pythae_trainer"):
+    for key in ("pyro_vae", "pyro_vae_compiled", "handwritten_torch", "pyro_example_svi", "pythae_trainer",
+                "pythae_trainer_dynamic"):
         if pipeline.get(key):
             out[f"pipeline_{key}_x_floor"] = round(100 / pipeline[key] * 1000 / floor_ms, 2)
     return out
