@@ -147,6 +147,19 @@ def test_kl_per_dimension_is_analytic(lg):
     assert torch.allclose(kl, expected, atol=1e-10)
 
 
+def test_evaluation_kl_per_dimension_is_the_mean_over_datapoints_of_unequal_batches(lg):
+    """The evaluation's KL per dimension is the analytic KL averaged over
+    every datapoint (batches of 16 and 24 weighted by their sizes), and its
+    ``kl`` the sum over dimensions: a batch mean taken per batch, or a mean
+    of the batch means, differs."""
+    model, x = lg
+    guide = MeanFieldGuide(model)
+    result = evaluate(model, guide, [x[:16], x[16:]], num_samples=2, chunk_size=2, progress=False)
+    expected = kl_per_dimension(model, guide, x)["z"].mean(0).numpy()
+    assert result.kl_per_dim["z"] == pytest.approx(expected, rel=1e-9)
+    assert result.summary()["kl"] == pytest.approx(expected.sum(), rel=1e-9)
+
+
 def test_mean_elbo_is_unbiased(lg):
     model, x = lg
     guide = MeanFieldGuide(model)

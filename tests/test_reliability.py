@@ -308,6 +308,34 @@ def test_a_nan_loss_with_finite_gradients_takes_no_step():
     assert not guard.skipped
 
 
+def test_a_non_finite_gradient_is_found_in_every_dtype_of_the_gradients():
+    """Gradients of two dtypes are checked as two groups (torch's check takes
+    one dtype a call): a NaN in the second group counts as much as in the first."""
+    from pyro_vae.divergence import count_non_finite
+
+    finite = [torch.zeros(3), torch.ones(2, dtype=torch.float64)]
+    assert count_non_finite(finite, torch.tensor(0.0)).item() == 0
+    for bad in (0, 1):
+        grads = [g.clone() for g in finite]
+        grads[bad][-1] = float("nan")
+        assert count_non_finite(grads, torch.tensor(0.0)).item() > 0
+
+
+def test_the_divergence_threshold_follows_a_running_mean_of_the_good_losses():
+    """``exploded`` when the loss exceeds ``m + factor max(|m|, 1)``, with
+    ``m`` the running mean ``0.99 m + 0.01 loss`` of the losses that were ok
+    (the first one its start); a loss that exploded or was bad leaves ``m``."""
+    from pyro_vae.divergence import DivergenceMonitor
+
+    monitor = DivergenceMonitor(factor=1.0)
+    assert monitor.classify(10.0, False) == "ok" and monitor.running_mean == 10.0
+    assert monitor.classify(15.0, False) == "ok"
+    assert monitor.running_mean == pytest.approx(0.99 * 10 + 0.01 * 15)  # 10.05: the threshold is 20.1
+    assert monitor.classify(20.2, False) == "exploded" and monitor.running_mean == pytest.approx(10.05)
+    assert monitor.classify(float("nan"), False) == "bad" and monitor.classify(1.0, True) == "bad"
+    assert monitor.classify(20.0, False) == "ok" and monitor.running_mean == pytest.approx(0.99 * 10.05 + 0.01 * 20)
+
+
 class _InvalidFirstStep(_NaNOnSecondStep):
     """Builds a distribution with a NaN parameter on the run's first step,
     which Pyro's validation (on an epoch's first step) rejects."""

@@ -26,6 +26,32 @@ def test_short_training_raises_the_valid_elbo(tiny_raw, tmp_path):
     assert (tmp_path / "metrics.csv").read_text().count("\n") == 4
 
 
+def test_each_epoch_shuffles_with_a_generator_seeded_from_the_seed_and_the_epoch(tiny_raw, tmp_path, monkeypatch):
+    """Epoch ``e`` visits the training images in the order
+    ``randperm(N)`` of a generator seeded with ``epoch_seed(seed, e) = seed *
+    1000003 + e``: a new order every epoch, which a resumed run redraws
+    from the seed and the epoch alone."""
+    from pyro_vae.data.images import ImageSplit
+    from pyro_vae.train import epoch_seed
+
+    orders = []
+    permutation = ImageSplit.permutation
+
+    def recorded(split, generator=None):
+        orders.append(permutation(split, generator).clone())
+        return orders[-1]
+
+    monkeypatch.setattr(ImageSplit, "permutation", recorded)
+    tiny_raw["train"].update(epochs=2, limit=300, seed=7)
+    config = config_from_dict(tiny_raw)
+    fit(Experiment.build(config), RunDir(tmp_path), progress=False)
+    assert len(orders) == 2 and not torch.equal(orders[0], orders[1])
+    for epoch, order in enumerate(orders, start=1):
+        generator = torch.Generator().manual_seed(epoch_seed(config.train.seed, epoch))
+        assert epoch_seed(config.train.seed, epoch) == config.train.seed * 1_000_003 + epoch
+        assert torch.equal(order, torch.randperm(300, generator=generator))
+
+
 def test_resume_follows_the_same_path(tiny_raw, tmp_path):
     """2 epochs, then resumed to 3 == 3 epochs straight."""
     tiny_raw["train"].update(limit=500, epochs=3)
