@@ -430,13 +430,31 @@ def pythae_epoch(experiment: Experiment, split, steps: int, batch: int, device: 
     return epoch
 
 
+def decoder_products_rate(decoder: torch.nn.Module, rows: int, device: str, repeats: int) -> int:
+    """Samples / s of the decoder's matrix products alone, ``rows`` latent
+    samples at a time (into buffers made once): the throughput no float32
+    evaluator of this model can exceed on the device, were every other
+    pass (activations, log-densities, draws, the encoder) free."""
+    weights = [m.weight.detach() for m in decoder.modules() if isinstance(m, torch.nn.Linear)]
+    inputs = [torch.randn(rows, w.shape[1], device=device) for w in weights]
+    outputs = [torch.empty(rows, w.shape[0], device=device) for w in weights]
+
+    def products() -> None:
+        for a, w, out in zip(inputs, weights, outputs):
+            torch.mm(a, w.t(), out=out)
+    products()
+    return round(rows / (median_ms(products, device, repeats, 20) / 1000))
+
+
 def iw_throughput_case(device: str, num_samples: int, images: int, repeats: int) -> dict:
     """IS log-likelihood throughput, (datapoints x samples) / s, at equal K:
     pyro-vae's evaluator, eager and compiled (``eval.compile``), and compiled
     with the products' operands rounded (``eval.matmul_precision``: bf16 on
     the CPU, tf32 on a GPU; each estimate printed beside), against
     pythae's ``get_nll`` (one datapoint at a time, samples in batches of 500)
-    on the same networks.  Each is run once untimed (its estimate; the first
+    on the same networks; and the ceiling of any float32 evaluator, the
+    decoder's matrix products alone at the compiled chunk's shape
+    (:func:`decoder_products_rate`).  Each is run once untimed (its estimate; the first
     call's set-up and compilation, a GPU's handles and kernels), then timed
     ``repeats`` times (median)."""
     experiment = build(device)
@@ -467,6 +485,8 @@ def iw_throughput_case(device: str, num_samples: int, images: int, repeats: int)
             with float32_matmul_precision(reduced, torch.device(device)):
                 out[f"nll_pyro_vae_compiled_{reduced}"] = round(-ours(compiled).item(), 2)
                 out[f"pyro_vae_compiled_{reduced}"] = rate(median_ms(lambda: ours(compiled), device, repeats, 1))
+        chunk = cpu_chunk_size(x, num_samples) if device == "cpu" else num_samples
+        out["decoder_products_only"] = decoder_products_rate(model.decoder, chunk * images, device, repeats)
         if not pythae_installed():
             return out
         vae = _pythae_vae(experiment).to(device).eval()
@@ -479,6 +499,7 @@ def iw_throughput_case(device: str, num_samples: int, images: int, repeats: int)
         for ours in ("pyro_vae", "pyro_vae_compiled", f"pyro_vae_compiled_{reduced}"):
             if ours in out:  # (the reduced row is skipped on a CPU without AVX-512)
                 out.update(speedups(out, ours, {"pythae": "pythae_get_nll"}, 1))
+        out["ceiling_vs_pythae"] = round(out["decoder_products_only"] / out["pythae_get_nll"], 1)
     return out
 
 
