@@ -5,8 +5,10 @@
     z_t = m_t(z_{t-1}, h) + sigma_t(z_{t-1}, h) * z_{t-1},   t = 1..T
 
 with ``(m_t, sigma_t)`` a MADE network of ``z_{t-1}`` (output ``d`` sees the
-inputs before ``d`` only, in an order permuted between steps) and of the
-context ``h``, so each step's Jacobian is triangular::
+inputs before ``d`` only, in the natural order) and of the context ``h``, so
+each step's Jacobian is triangular; the order is reversed between steps, as
+Kingma et al. do, so that after two steps every ``z_T,d`` depends on every
+``z_0,d'``::
 
     log q(z_T | x) = log N(z_0 | mu, sigma) - sum_t sum_d log sigma_t,d
 
@@ -52,12 +54,14 @@ class IAFGuide(DistributionGuide):
         super().__init__()
         self.encoder = mlp(math.prod(event_shape), hidden, context_dim, activation)
         self.gaussian = torch.nn.Linear(context_dim, 2 * latent_dim)
+        # each MADE in the natural order (Pyro's default draws a random one, with which a reversal
+        # between steps can leave some z_T,d independent of some z_0,d'), reversed between steps
+        natural = torch.arange(latent_dim)
         self.flows = torch.nn.ModuleList(
-            ConditionalAffineAutoregressive(ConditionalAutoRegressiveNN(latent_dim, context_dim, flow_hidden),
-                                            stable=True)
+            ConditionalAffineAutoregressive(
+                ConditionalAutoRegressiveNN(latent_dim, context_dim, flow_hidden, permutation=natural), stable=True)
             for _ in range(flows))
-        # a fixed reversal between steps, so each dimension depends on every other one after two steps
-        self.register_buffer("reverse", torch.arange(latent_dim - 1, -1, -1))
+        self.register_buffer("reverse", natural.flip(0))
 
     def distribution(self, x: torch.Tensor) -> dist.TorchDistribution:
         """``q(z | x)`` for the batch ``x``: batch shape ``[B]``, event ``[D]``."""

@@ -178,6 +178,40 @@ def test_iaf_guide_density_is_the_change_of_variables_formula():
     assert q.rsample().shape == (3, 4) and q.has_rsample
 
 
+def test_iaf_steps_are_triangular_in_the_natural_order_and_two_reversed_steps_connect_every_dimension():
+    """One flow step's Jacobian dz_1/dz_0 is lower triangular (output d sees
+    the inputs up to d, in the natural order); after two steps with the order
+    reversed between them every z_2,d depends on every z_0,d' (no zero in the
+    Jacobian; Pyro's default random MADE orders can leave some).  The base
+    Gaussian's scale is softplus(s) + 1e-4, down to the floor."""
+    for flows in (1, 2):
+        torch.manual_seed(0)
+        guide = registry.GUIDES.build("iaf", {"hidden": [16], "context_dim": 8, "flow_hidden": [12],
+                                              "flows": flows}, event_shape=(6,), latent_dim=4).double()
+        magnitude = torch.zeros(4, 4, dtype=torch.float64)  # |dz_T/dz_0| summed over draws (a dead ReLU can zero
+        for _ in range(8):                                    # one draw's entry, not the structure's)
+            q = guide.distribution(torch.bernoulli(torch.full((1, 6), 0.4, dtype=torch.float64)))
+
+            def flow(v):
+                v = v[None]
+                for transform in q.transforms:
+                    v = transform(v)
+                return v[0]
+
+            magnitude += torch.autograd.functional.jacobian(flow, q.base_dist.sample()[0]).abs()
+        nonzero = magnitude > 1e-10
+        if flows == 1:
+            assert torch.equal(nonzero, torch.ones(4, 4, dtype=torch.bool).tril()), magnitude
+        else:
+            assert nonzero.all(), magnitude
+    with torch.no_grad():
+        guide.gaussian.weight.zero_()
+        guide.gaussian.bias.copy_(torch.tensor([0.0] * 4 + [-40.0, -40.0, 0.0, 2.0]))
+    scale = guide.distribution(torch.rand(2, 6, dtype=torch.float64)).base_dist.base_dist.scale
+    expected = softplus(torch.tensor([-40.0, -40.0, 0.0, 2.0], dtype=torch.float64)) + 1e-4
+    assert torch.allclose(scale, expected.expand(2, 4), rtol=1e-6, atol=0) and scale.min() < 1.0001e-4
+
+
 def test_lowrank_guide_is_the_gaussian_with_covariance_f_ft_plus_diagonal():
     """Its density against a full-covariance MultivariateNormal built from the
     encoder's outputs by hand."""
@@ -210,6 +244,8 @@ def test_vamp_prior_is_the_mean_of_the_guide_at_its_pseudo_inputs():
     model, guide = build_model_and_guide(config_from_dict(raw), {"event_shape": (1, 4, 4)})
     prior = model.prior
     assert prior.guide is guide and not any(k.startswith("prior.guide") for k in model.state_dict())
+    with torch.no_grad():  # two pseudo-inputs outside [0, 1], which the guide must see clamped
+        prior.pseudo_inputs.copy_(torch.tensor([-1.0, 2.0, 0.5, 1.5]).view(4, 1, 1, 1).expand_as(prior.pseudo_inputs))
     z = torch.randn(5, 3)
     densities = torch.stack([guide.distribution(prior.pseudo_inputs[c:c + 1].clamp(0, 1)).log_prob(z)
                              for c in range(4)])
