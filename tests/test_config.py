@@ -101,6 +101,10 @@ def test_user_parts_registered_through_imports(tiny_raw):
     tiny_raw["imports"] = ["no_such_module_xyz"]
     with pytest.raises(ConfigError, match="cannot import 'no_such_module_xyz'"):
         config_from_dict(tiny_raw)
+    for path in ("lab/priors.py", "lab.priors-v2", "my parts"):  # the whole name must be a dotted module name
+        tiny_raw["imports"] = [path]
+        with pytest.raises(ConfigError, match="not file paths"):
+            config_from_dict(tiny_raw)
 
 
 def test_the_experiment_is_the_parts_and_the_data_path_not_the_settings(tiny_raw):

@@ -224,6 +224,34 @@ def test_mig_is_one_for_axis_aligned_codes_and_low_for_mixed_ones():
     assert result["per_factor"] == pytest.approx([0.0, 1.0], abs=0.01) and result["mig"] == pytest.approx(0.5, abs=0.01)
 
 
+def test_mig_normalises_by_the_factors_entropy_over_exactly_bins_bins():
+    """``discretise`` puts each code dimension in ``bins`` equal-width bins,
+    0 .. bins - 1, the extremes in the first and last; the gap is divided by
+    the factor's empirical entropy (0.33 nats for a 90/10 factor, not log 2):
+    a dimension that copies such a factor has MIG 1."""
+    from pyro_vae.mig import discretise
+
+    rng = np.random.default_rng(0)
+    codes = rng.uniform(size=(2000, 3))
+    bins = discretise(codes, bins=7)
+    for j in range(3):
+        assert set(np.unique(bins[:, j]).tolist()) == set(range(7))
+    assert bins[codes[:, 0].argmax(), 0] == 6 and bins[codes[:, 0].argmin(), 0] == 0
+    factor = (rng.uniform(size=5000) < 0.1).astype(int)[:, None]
+    copied = np.concatenate([factor + 0.01 * rng.normal(size=(5000, 1)), rng.normal(size=(5000, 1))], 1)
+    assert mutual_information_gap(copied, factor)["mig"] == pytest.approx(1.0, abs=0.03)
+
+
+def test_decomposition_summary_is_the_mean_and_its_standard_error():
+    """Each term's summary: the mean over datapoints and its standard error std (ddof 1) / sqrt(N)."""
+    from pyro_vae.decompose import Decomposition
+
+    values = np.array([1.0, 2.0, 3.0, 6.0])
+    summary = Decomposition({"t": values}, np.zeros((4, 2))).summary()
+    assert summary["t"]["mean"] == pytest.approx(3.0)
+    assert summary["t"]["se"] == pytest.approx(values.std(ddof=1) / 2.0)
+
+
 def test_shapes_cover_every_factor_combination_once():
     from pyro_vae.data.shapes import render
 

@@ -40,13 +40,27 @@ def config(tmp_path, objective):
 def run(argv, cwd, nproc=None):
     """``argv`` in one process, or under torchrun in ``nproc`` (each rank's
     output also in ``cwd/logs``)."""
-    env = {**os.environ, "PYTHONPATH": str(TESTS), "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TESTS), str(TESTS.parent)]),  # this checkout's code
+           "OMP_NUM_THREADS": "1"}
     if nproc:
         argv = [TORCHRUN, "--standalone", f"--nproc_per_node={nproc}", "--redirects=3", "--tee=3",
                 f"--log-dir={cwd / 'logs'}", *argv]
     else:
         argv = [sys.executable, *argv]
     return subprocess.run([str(a) for a in argv], capture_output=True, text=True, env=env, cwd=cwd, timeout=300)
+
+
+@pytest.mark.parametrize("size,world", [(5, 4), (10, 4), (3, 3), (7, 2), (2, 4)])
+def test_the_ranks_shards_partition_a_global_batch_in_order(size, world):
+    """Rank r trains on the r-th contiguous part of each global batch: the
+    parts, in rank order, are the batch, and their sizes differ by at most 1
+    (a batch smaller than the world leaves some ranks an empty part)."""
+    from pyro_vae.distributed import Ranks
+
+    index = torch.randperm(size)
+    shards = [Ranks(rank=r, world_size=world).shard(index) for r in range(world)]
+    assert torch.equal(torch.cat(shards), index)
+    assert max(map(len, shards)) - min(map(len, shards)) <= 1
 
 
 @pytest.mark.skipif(TORCHRUN is None, reason="torchrun is not installed")

@@ -43,6 +43,27 @@ def test_gmm_ex_post_is_standard_normal_until_fitted_then_the_fitted_mixture():
     assert "mixture_weights" not in prior.state_dict()  # the checkpoint holds the trained weights only
 
 
+def test_gmm_ex_post_with_diagonal_covariances_is_the_fitted_mixture():
+    """``covariance = "diag"``: scikit-learn keeps the variances (not a
+    matrix), which the prior makes the diagonal covariance: the fitted
+    variances are the clusters' 0.25 (sd 0.5), and log p(z) is the mixture's
+    own ``score_samples``."""
+    from sklearn.mixture import GaussianMixture
+
+    prior = registry.PRIORS.build("gmm_ex_post", {"components": 2, "covariance": "diag"}, latent_dim=2)
+    generator = torch.Generator().manual_seed(0)
+    truth = torch.tensor([[-4.0, 0.0], [3.0, 2.0]])
+    codes = truth[(torch.rand(3000, generator=generator) < 0.3).long()] + 0.5 * torch.randn(3000, 2, generator=generator)
+    prior.fit_codes(codes, seed=0)
+    tril = prior.mixture_state()["scale_tril"].double()
+    covariance = tril @ tril.transpose(-1, -2)
+    assert torch.allclose(covariance, torch.diag_embed(covariance.diagonal(dim1=-2, dim2=-1)))
+    assert torch.allclose(covariance.diagonal(dim1=-2, dim2=-1), torch.full((2, 2), 0.25, dtype=torch.float64), atol=0.03)
+    mixture = GaussianMixture(2, covariance_type="diag", random_state=0, max_iter=500).fit(codes.double().numpy())
+    z = torch.randn(7, 2) * 3
+    assert np.allclose(prior(7).log_prob(z).numpy(), mixture.score_samples(z.double().numpy()), atol=1e-3)
+
+
 def test_a_run_fits_the_prior_after_training_and_restores_it_with_the_weights(tiny_raw, tmp_path):
     """``train`` fits the mixture to the codes of the images it trained on and
     saves it beside the checkpoint; ``load_trained`` restores it, and the

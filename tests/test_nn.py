@@ -20,6 +20,10 @@ def test_the_sigmoid_form_is_tanh_to_float32_rounding():
     assert ours.dtype == torch.float32
     assert (ours.double() - exact).abs().max() <= 2.5e-7  # 1.8e-7 measured; torch.tanh's 3e-8
     assert torch.equal(ours[a.abs() > 10], torch.sign(a[a.abs() > 10]))  # saturates exactly, no NaN at 1e30
+    before = a.clone()
+    with torch.no_grad():
+        Tanh()(a)
+    assert torch.equal(a, before)  # its passes in place are on a new tensor, never the argument
 
 
 def test_its_gradient_is_tanhs():

@@ -413,7 +413,7 @@ def test_locate_non_finite_names_the_site():
 def _subprocess(argv, patch: str = "") -> subprocess.CompletedProcess:
     """``pyro-vae ARGV`` in a fresh interpreter, after the Python in ``patch``."""
     code = f"import sys\n{patch}\nfrom pyro_vae.cli import main\nsys.exit(main({[str(a) for a in argv]!r}))\n"
-    env = {**os.environ, "PYTHONPATH": str(REPO / "tests")}
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO / "tests"), str(REPO)])}  # this checkout's code
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
 
 

@@ -11,7 +11,7 @@ import torch
 from conftest import requires_cuda
 from pyro_vae import registry
 from pyro_vae.config import config_from_dict
-from pyro_vae.data.text import EOS, PAD, UNK, TextDataset, Vocabulary
+from pyro_vae.data.text import BOS, EOS, PAD, UNK, TextDataset, Vocabulary
 from pyro_vae.errors import ConfigError, DataError
 from pyro_vae.evaluate import evaluate
 from pyro_vae.experiment import Experiment
@@ -54,6 +54,8 @@ def test_batches_are_cut_to_their_longest_sentence_and_grouped_by_length():
     assert data["train"].lengths[order].tolist() == sorted(data["train"].lengths.tolist())  # one pool: sorted
     long = TextDataset({"train": [["w"] * 12, ["w"]], "valid": [["w"]], "test": [["w"]]}, torch.device("cpu"), 10)
     assert len(long["train"]) == 1 and long.dropped["train"] == 1
+    edge = TextDataset({"train": [["w"] * 10, ["w"] * 11], "valid": [["w"]], "test": [["w"]]}, torch.device("cpu"), 10)
+    assert edge["train"].lengths.tolist() == [11] and edge.dropped["train"] == 1  # max_length words kept, not more
     cut = TextDataset({"train": [["w"] * 12], "valid": [["w"]], "test": [["w"]]}, torch.device("cpu"), 10, truncate=True)
     assert cut["train"].lengths.tolist() == [11]
 
@@ -122,6 +124,83 @@ def test_word_dropout_acts_in_training_mode_only():
     assert not torch.allclose(model.logits(z, x), model.eval().logits(z, x))
 
 
+def test_word_dropout_never_drops_bos():
+    """Word dropout replaces decoder inputs by <unk>, but never the first,
+    <bos>: the first word's logits are those of evaluation mode, however
+    high the rate."""
+    data, model, _ = build(word_dropout=0.95)
+    x, z = data["train"].batch(slice(0, 6)), torch.randn(6, 3)
+    with torch.no_grad():
+        reference = model.logits(z, x)[:, 0]
+        model.train()
+        for seed in range(5):
+            torch.manual_seed(seed)
+            assert torch.allclose(model.logits(z, x)[:, 0], reference, atol=1e-6)
+
+
+def test_the_decoder_reads_bos_and_the_words_before_each_position_only():
+    """Teacher forcing: the logits at t come from the inputs [<bos>, x_1 ..
+    x_{t-1}], so changing the words from t on leaves positions up to t alone,
+    and the logits are the one-step decoder's on the shifted sentence."""
+    data, model, _ = build()
+    x, z = data["train"].batch(slice(0, 6)), torch.randn(6, 3)
+    with torch.no_grad():
+        logits = model.logits(z, x)
+        for t in range(x.shape[1]):
+            changed = x.clone()
+            changed[:, t:] = 4 + (changed[:, t:] + 1) % (len(data.vocabulary) - 4)  # other real words from t on
+            assert torch.allclose(model.logits(z, changed)[:, :t + 1], logits[:, :t + 1], atol=1e-6), t
+        inputs = torch.cat([torch.full((6, 1), BOS), x[:, :-1]], 1)
+        assert torch.allclose(logits, model.step_logits(z, inputs)[0], atol=1e-6)
+
+
+def test_next_words_are_never_pad_or_bos_and_the_lstm_starts_from_tanh_az():
+    """Decoding rules out <pad> and <bos> (log-probability -inf) and leaves
+    every other word's logit as it is; with ``condition = "init"`` the LSTM
+    starts at h_0 = tanh(A z), c_0 = 0."""
+    _, model, _ = build()
+    logits = torch.randn(3, 2, 11)
+    out = model.next_word_logits(logits)
+    assert torch.isneginf(out[:, [PAD, BOS]]).all()
+    others = [i for i in range(11) if i not in (PAD, BOS)]
+    assert torch.equal(out[:, others], logits[:, -1, others])
+    z = torch.randn(4, 3)
+    h, c = model.initial_state(z)
+    assert torch.allclose(h[0], torch.tanh(model.init(z))) and torch.equal(c, torch.zeros_like(h))
+
+
+def test_the_lstm_guide_reads_each_whole_sentence_with_its_eos_and_no_padding():
+    """q(z | x)'s mean and scale come from the bidirectional LSTM's final
+    states over each sentence's own tokens, <eos> included, as if it were
+    alone in its batch."""
+    from torch.nn.functional import softplus
+
+    data, _, guide = build()
+    x = data["test"].batch(slice(0, 3))
+    q = guide.distribution(x)
+    with torch.no_grad():
+        for i, length in enumerate(data["test"].lengths.tolist()):
+            _, (h, _) = guide.lstm(guide.embed(x[i:i + 1, :length]))
+            loc, raw = guide.head(h.transpose(0, 1).reshape(1, -1)).chunk(2, -1)
+            assert torch.allclose(q.mean[i], loc[0], atol=1e-6)
+            assert torch.allclose(q.stddev[i], softplus(raw[0]) + 1e-4, atol=1e-6)
+
+
+def test_interpolation_runs_from_the_first_sentence_to_the_second():
+    """``interpolate(a, b)`` decodes the codes (1 - t) mu(a) + t mu(b), t from 0 to 1."""
+    from types import SimpleNamespace
+
+    from pyro_vae.sentences import SentenceVAE
+
+    data, model, guide = build()
+    vae = SentenceVAE(SimpleNamespace(data=data, model=model, guide=guide, device=torch.device("cpu")))
+    vae.decode = lambda z, mode="greedy", **options: z  # the codes themselves
+    path = vae.interpolate("the cat sat", "a dog", steps=5)
+    a, b = vae.encode(["the cat sat"])[0], vae.encode(["a dog"])[0]
+    assert torch.allclose(path[0], a, atol=1e-6) and torch.allclose(path[-1], b, atol=1e-6)
+    assert torch.allclose(path[1], 0.75 * a + 0.25 * b, atol=1e-6)
+
+
 def test_perplexity_counts_eos_and_not_padding():
     data = small_dataset()
     log_likelihood = np.array([-4.0, -10.0, -2.0])
@@ -157,14 +236,16 @@ def test_the_ptb_config_trains_a_step_and_evaluates(device, tmp_path):
 
 
 def test_beam_search_finds_the_most_probable_sentence_and_greedy_is_a_beam_of_one():
-    """On a 6-word vocabulary with sentences of at most 3 words, a beam as
+    """On a 6-word vocabulary with sentences of at most 5 words, a beam as
     wide as every sequence is exhaustive: its sentence has the highest
-    log p(x | z) of all sentences of words, <unk> and <eos> (never <pad> or
-    <bos>), enumerated here; beam_size = 1 is greedy decoding."""
+    log p(x | z) of all 364 sentences of words, <unk> and <eos> (never <pad>
+    or <bos>), enumerated here, and is well formed: no <pad> or <bos> before
+    its <eos>, only <pad> after it (five steps, so a finished hypothesis is
+    carried through reorderings of the beam); beam_size = 1 is greedy decoding."""
     import itertools
 
     vocab = Vocabulary(["a", "b"])
-    data = TextDataset({"train": [["a"]], "valid": [["a"]], "test": [["b"]]}, torch.device("cpu"), 3,
+    data = TextDataset({"train": [["a"]], "valid": [["a"]], "test": [["b"]]}, torch.device("cpu"), 5,
                        vocabulary=vocab)
     prior = registry.PRIORS.build("standard_normal", {}, latent_dim=2)
     model = registry.MODELS.build("sentence", {"latent_dim": 2, "embedding": 4, "hidden": 8}, prior=prior,
@@ -180,14 +261,16 @@ def test_beam_search_finds_the_most_probable_sentence_and_greedy_is_a_beam_of_on
         logits = model.logits(zi.unsqueeze(0), x)
         return float(torch.distributions.Categorical(logits=logits).log_prob(x).sum())
 
+    words = [UNK, 4, 5]
+    candidates = [list(body) + [EOS] for n in range(5) for body in itertools.product(words, repeat=n)]
+    candidates += [list(body) for body in itertools.product(words, repeat=5)]  # cut at max_length
     for i in range(3):
-        candidates = [list(body) + [EOS] for n in range(3) for body in itertools.product([UNK, 4, 5], repeat=n)]
-        candidates += [list(body) for body in itertools.product([UNK, 4, 5], repeat=3)]  # cut at max_length
-        best = max(candidates, key=lambda ids: score(ids, z[i]))
-        found = [t for t in model.beam_search(z[i:i + 1], 3, EOS, beam_size=6 ** 3)[0].tolist()]
-        found = found[:found.index(EOS) + 1] if EOS in found else found
-        assert score(found, z[i]) >= score(best, z[i]) - 1e-4
-    assert torch.equal(model.beam_search(z, 3, EOS, beam_size=1), model.generate(z, 3, EOS))
+        best = max(score(ids, z[i]) for ids in candidates)
+        found = model.beam_search(z[i:i + 1], 5, EOS, beam_size=6 ** 5)[0].tolist()
+        sentence = found[:found.index(EOS) + 1] if EOS in found else found
+        assert PAD not in sentence and BOS not in sentence and set(found[len(sentence):]) <= {PAD}, found
+        assert score(sentence, z[i]) >= best - 1e-4
+    assert torch.equal(model.beam_search(z, 5, EOS, beam_size=1), model.generate(z, 5, EOS))
 
 
 def test_sentence_api_and_sample_command_on_a_sentence_file(tmp_path, capsys):
