@@ -449,3 +449,37 @@ def test_a_part_call_skips_pyros_module_context_only_where_it_does_nothing(monke
 
     with pyro.validation_enabled(True), pytest.raises(NotImplementedError):
         GlobalParam()()
+
+
+class _PositivePrior(torch.nn.Module):
+    """Exponential(1) in each dimension: a prior whose support is the positive reals."""
+
+    def __init__(self, latent_dim: int):
+        super().__init__()
+        self.register_buffer("rate", torch.ones(latent_dim))
+
+    def forward(self, batch_size: int):
+        import pyro.distributions as dist
+
+        return dist.Exponential(self.rate.expand(batch_size, -1)).to_event(1)
+
+
+def test_a_guide_drawing_outside_the_priors_support_is_refused(monkeypatch):
+    """A Normal guide (draws on all the reals) for an Exponential prior (positive reals)
+    is refused by Experiment.build, naming both parts, though both are continuous."""
+    from pyro_vae.errors import ConfigError
+    from pyro_vae.registry import PRIORS
+
+    monkeypatch.setattr(PRIORS, "_entries", dict(PRIORS._entries))  # the registration is undone afterwards
+    PRIORS.register("_probe_positive")(_PositivePrior)
+    import copy
+
+    from conftest import TINY
+    from pyro_vae.config import config_from_dict
+    from pyro_vae.experiment import Experiment
+
+    raw = copy.deepcopy(TINY)
+    raw["prior"] = {"name": "_probe_positive"}
+    with pytest.raises(ConfigError, match="guide 'normal' draws latent 'z' from a continuous Normal, but prior "
+                                          "'_probe_positive' is a continuous Exponential"):
+        Experiment.build(config_from_dict(raw))

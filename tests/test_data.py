@@ -207,3 +207,63 @@ def test_bits_per_dim_of_binary_dequantized_and_gray_data():
     assert gray_dataset("dequantize").bits_per_dim(0.0) == pytest.approx(8.0)
     assert gray_dataset("dequantize").bits_per_dim(-dims * math.log(2)) == pytest.approx(7.0)
     assert gray_dataset("none").bits_per_dim(10.0) is None
+
+
+def test_mnist_pickle_pixels_v_over_256_become_the_bytes_v(tmp_path):
+    """``mnist.pkl.gz`` stores v / 256; read back, pixel v is the byte v (0..255 exactly)."""
+    import gzip
+    import pickle
+
+    import numpy as np
+
+    from pyro_vae.data.mnist import read_mnist_pickle
+
+    v = np.arange(256, dtype=np.float32)
+    images = np.tile(v, (784 // 256 + 1))[:784][None, :] / np.float32(256)
+    labels = np.array([3], np.int64)
+    path = tmp_path / "mnist.pkl.gz"
+    with gzip.open(path, "wb") as f:
+        pickle.dump(((images, labels), (images, labels), (images, labels)), f)
+    splits = read_mnist_pickle(path)
+    assert set(splits) == {"train", "valid", "test"}
+    pixels, read_labels = splits["valid"]
+    assert pixels.dtype == np.uint8 and pixels.shape == (1, 28, 28)
+    assert np.array_equal(pixels.reshape(-1), np.tile(np.arange(256), 4)[:784].astype(np.uint8))
+    assert read_labels.tolist() == [3]
+
+
+def test_the_unpickler_refuses_numpy_functions_too(tmp_path):
+    """Only numpy's array-building globals are admitted, not any global of an admitted module."""
+    import gzip
+    import pickle
+
+    import numpy as np
+
+    from pyro_vae.errors import DataError
+    from pyro_vae.data.mnist import read_mnist_pickle
+
+    class Sneaky:
+        def __reduce__(self):
+            return (np.dtype, ("float32",))  # admitted
+
+    class Ones:
+        def __reduce__(self):
+            return (np.ones, (3,))  # numpy.ones: harmless, but not admitted
+
+    path = tmp_path / "a.pkl.gz"
+    with gzip.open(path, "wb") as f:
+        pickle.dump(((np.zeros((1, 784), np.float32), np.zeros(1)), Ones(), Sneaky()), f)
+    with pytest.raises(DataError, match="refusing to unpickle global numpy"):
+        read_mnist_pickle(path)
+
+
+def test_every_sprite_stays_on_the_canvas():
+    """The centres span [14, 50], so no sprite touches the canvas' border rows and columns."""
+    from pyro_vae.data.shapes import render
+
+    images, labels = render(orientations=2, positions=4)
+    border = images[:, [0, -1], :].any() or images[:, :, [0, -1]].any()
+    assert not border
+    # the last position's centre is at 50: the largest square (half side 0.8 * 11) spans columns 41.2..58.8
+    last = images[(labels == [0, 5, 0, 3, 0]).all(1)][0]
+    assert np.nonzero(last)[1].max() == 58 and np.nonzero(last)[1].min() == 41

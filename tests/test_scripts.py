@@ -1,5 +1,7 @@
 """The study scripts run end to end on a small configuration."""
+import copy
 import csv
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -105,3 +107,49 @@ def test_benchmark_prints_a_table_and_writes_the_same_results_as_json(tmp_path):
             assert any(line.split() == [key, str(value)] for line in lines), key
     # the two estimates of the same untrained model agree within Monte-Carlo error
     assert abs(case["mean_log_likelihood_pyro_vae"] - case["mean_log_likelihood_handwritten"]) < 2.0
+
+
+def _script(name):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_compare_runs_counts_steps_with_a_short_last_batch_and_takes_the_best_elbo(tmp_path):
+    """250 images in batches of 100 are 3 steps an epoch (the last batch short);
+    the best train ELBO is the highest."""
+    import csv
+    from pyro_vae.config import config_from_dict, save_config
+    from pyro_vae.rundir import RunDir
+
+    compare_runs = _script("compare_runs")
+    run = tmp_path / "run"
+    run.mkdir()
+    raw = copy.deepcopy(TINY)
+    raw["train"].update(limit=250, epochs=3)
+    save_config(config_from_dict(raw), run / "config.toml")
+    with open(run / "metrics.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, ["epoch", "train_elbo", "valid_elbo", "seconds"])
+        writer.writeheader()
+        for epoch, elbo in ((1, -100.0), (2, -80.0), (3, -90.0)):
+            writer.writerow({"epoch": epoch, "train_elbo": elbo, "valid_elbo": elbo - 1, "seconds": 1200})
+    evaluation = {"split": "test", "iw_samples": 5, "epoch": 3, "elbo": -95.0, "iw_nll": 92.0}
+    (run / "report.json").write_text(json.dumps({"eval": evaluation, "evaluations": [evaluation]}))
+    summary = compare_runs.summarise(RunDir(run))
+    assert summary["steps"] == 9 and summary["curve"] == ([3, 6, 9], [-100.0, -80.0, -90.0])
+    assert summary["best_train_elbo"] == -80.0 and summary["final_train_elbo"] == -90.0
+    assert summary["valid_elbo"] == -91.0 and summary["hours"] == 1.0
+
+
+def test_collapse_study_overrides_check_mi_at_least_every_step():
+    """The aggressive phase checks I(x; z) every tenth of an epoch, and at least every step
+    (mi_every = 0 for an epoch of fewer than 10 steps would be refused or never check)."""
+    study = _script("collapse_study")
+    assert study.overrides("aggressive", 4, 1, 5) == ["objective.aggressive=true", "objective.mi_every=1"]
+    assert study.overrides("aggressive", 4, 1, 250) == ["objective.aggressive=true", "objective.mi_every=25"]
+    assert study.overrides("linear+cyclical", 4, 2, 10) == [
+        "objective.kl_annealing=linear", "objective.anneal_steps=20",
+        "objective.kl_annealing=cyclical", "objective.anneal_steps=40", "objective.cycles=4"]
