@@ -95,7 +95,7 @@ def _evaluate(args: argparse.Namespace) -> None:
         num_samples=num_samples,
         chunk_size=_given(args.chunk_size, defaults.chunk_size),
         batch_size=_given(args.batch_size, defaults.batch_size),
-        limit=_given(args.limit, defaults.limit),
+        limit=args.limit,  # (the whole split by default: eval.limit bounds the evaluation after training)
         progress=not args.quiet,
         decompose=args.decompose or defaults.decompose,
         compile=args.compile or defaults.compile,
@@ -209,7 +209,9 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--iw-samples", type=positive_int,
                     help="K importance samples per datapoint (K=1 gives the ELBO; PSIS k-hat needs K >= 25)")
     ev.add_argument("--split", choices=["train", "valid", "test"])
-    ev.add_argument("--limit", type=positive_int, help="only the first N datapoints (default: the run's eval.limit)")
+    ev.add_argument("--limit", type=positive_int,
+                    help="only the first N datapoints (default: the whole split; the run's eval.limit bounds "
+                         "only the evaluation after training)")
     ev.add_argument("--chunk-size", type=chunk_size,
                     help='samples drawn at once (bounds memory); "auto": sized for the device')
     ev.add_argument("--batch-size", type=positive_int, help="datapoints evaluated at once")

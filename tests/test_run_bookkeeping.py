@@ -211,7 +211,7 @@ def test_the_default_run_dir_is_runs_slash_the_config_stem(tmp_path, monkeypatch
 
 def test_evaluate_passes_its_options_to_the_evaluation(tmp_path, monkeypatch):
     """Each option given to ``pyro-vae evaluate`` reaches the evaluation; each one not given is the
-    run's ``[eval]`` setting (its limit included)."""
+    run's ``[eval]`` setting, except the limit: without ``--limit`` the whole split is evaluated."""
     import pyro_vae.train as train_module
     from pyro_vae.cli import main
 
@@ -233,7 +233,7 @@ def test_evaluate_passes_its_options_to_the_evaluation(tmp_path, monkeypatch):
     with pytest.raises(_Stop):
         main(["evaluate", str(tmp_path), "--quiet"])  # the config's eval section
     assert (seen["num_samples"], seen["split"], seen["limit"], seen["chunk_size"], seen["batch_size"]) == \
-        (20, "test", 100, 10, 50)
+        (20, "test", None, 10, 50)  # the whole split: eval.limit (100) bounds only the evaluation after training
 
 
 def test_sample_quality_with_iw_samples_runs_the_is_evaluation_too(tmp_path, monkeypatch):
