@@ -415,9 +415,8 @@ def pythae_epoch(experiment: Experiment, split, steps: int, batch: int, device: 
             item = super().__getitem__(index)
             return DatasetOutput(data=torch.bernoulli(item.data), labels=item.labels)
 
-    gray = split.pixels[: steps * batch].float().cpu() / 255
-    images = (GrayLevels if dynamic else BaseDataset)(gray if dynamic else torch.bernoulli(gray),
-                                                      torch.zeros(len(gray)))
+    gray, labels = split.pixels[: steps * batch].float().cpu() / 255, torch.zeros(steps * batch)
+    images = GrayLevels(gray, labels) if dynamic else BaseDataset(torch.bernoulli(gray), labels)
     config = BaseTrainerConfig(output_dir=out_dir, per_device_train_batch_size=batch, num_epochs=1,
                                learning_rate=1e-3, no_cuda=device != "cuda")
     trainer = BaseTrainer(_pythae_vae(experiment), train_dataset=images, training_config=config)

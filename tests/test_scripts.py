@@ -13,6 +13,16 @@ from conftest import TINY
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def _script(name):
+    """``scripts/<name>.py`` imported as a module (scripts are not a package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def test_gradient_variance_script(tmp_path):
     config = {**TINY, "data": {"name": "mnist", "binarization": "static"},
               "model": {"name": "linear", "latent_dim": 20}, "prior": {"name": "bernoulli", "learned": True},
@@ -55,8 +65,7 @@ def test_compare_runs_reports_the_headline_evaluation(tmp_path, capsys):
 
 def test_the_headline_evaluation_is_one_with_float32_products():
     """A newer evaluation with more samples but bf16 products (eval.matmul_precision) is not the headline."""
-    sys.path.insert(0, str(ROOT / "scripts"))
-    from compare_runs import headline_evaluation
+    headline_evaluation = _script("compare_runs").headline_evaluation
 
     float32 = {"split": "test", "iw_samples": 20, "epoch": 1, "matmul_precision": "ieee"}
     older = {"split": "test", "iw_samples": 5, "epoch": 1}  # (written before the option: float32)
@@ -107,15 +116,6 @@ def test_benchmark_prints_a_table_and_writes_the_same_results_as_json(tmp_path):
             assert any(line.split() == [key, str(value)] for line in lines), key
     # the two estimates of the same untrained model agree within Monte-Carlo error
     assert abs(case["mean_log_likelihood_pyro_vae"] - case["mean_log_likelihood_handwritten"]) < 2.0
-
-
-def _script(name):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_compare_runs_counts_steps_with_a_short_last_batch_and_takes_the_best_elbo(tmp_path):
